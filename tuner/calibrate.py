@@ -1,0 +1,141 @@
+"""Calibration: ONE forward pass over the calibration data gathers, for every quantizable layer,
+the statistics of its input (min/max + bounded histogram) and its compute (MACs). Every
+calibration method's range, and so every plan, is derived from them without running the model
+again."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .batches import as_batches, batch_size, call_model
+from .errors import CalibrationError, InvalidPlanError
+from .histogram import TensorStats
+from .plan import LayerConfig, Plan
+from .quant import INT8, UINT8, QParams, compute_qparams, fake_quantize, weight_qparams
+
+QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name -> module for every layer quanttune can run in INT8."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE) and name}
+
+
+@dataclass
+class LayerInfo:
+    """What calibration learned about one layer."""
+
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    params: int
+    macs: int = 0  # multiply-accumulates over the whole calibration set
+    calls: int = 0
+    input: TensorStats = field(default_factory=TensorStats)
+
+
+class Calibration:
+    """Per-layer statistics from one pass, and the quantization parameters derived from them."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, LayerInfo], batches: list[Any], seconds: float):
+        self.layers = layers
+        self.batches = batches
+        self.seconds = seconds
+        self.samples = sum(batch_size(b) for b in batches)
+        self.model_params = sum(p.numel() for p in model.parameters())
+        self.model_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+            b.numel() * b.element_size() for b in model.buffers()
+        )
+        self._weights: dict[tuple[str, str], tuple[QParams, torch.Tensor]] = {}
+        self._modules = quantizable_layers(model)
+
+    # -- quantization parameters -------------------------------------------------------------
+
+    def activation_qparams(self, name: str, method: str, symmetric: bool) -> QParams:
+        lo, hi = self.layers[name].input.range(method, symmetric)
+        return compute_qparams(lo, hi, symmetric=symmetric, qtype=INT8 if symmetric else UINT8)
+
+    def weight(self, name: str, granularity: str) -> tuple[QParams, torch.Tensor]:
+        """The layer's weight quantization parameters and its quantize-dequantized weight (cached:
+        plans that share a setting share the tensor)."""
+        key = (name, granularity)
+        if key not in self._weights:
+            w = self._modules[name].weight.detach()
+            qp = weight_qparams(w, granularity)
+            self._weights[key] = (qp, fake_quantize(w, qp))
+        return self._weights[key]
+
+    # -- plans -------------------------------------------------------------------------------
+
+    def check_plan(self, plan: Plan) -> None:
+        unknown = sorted(set(plan.layers) - set(self.layers))
+        if unknown:
+            known = ", ".join(list(self.layers)[:8]) + (" ..." if len(self.layers) > 8 else "")
+            raise InvalidPlanError(
+                f"plan names layers that are not quantizable layers of this model: {unknown}; "
+                f"the model's are: {known}"
+            )
+
+    def uniform_plan(self, config: LayerConfig = LayerConfig()) -> Plan:
+        return Plan.uniform(self.layers, config)
+
+    def coverage(self, plan: Plan) -> dict[str, float]:
+        """Share of MACs and of parameters in INT8, and the INT8 model's size in bytes."""
+        total_macs = sum(info.macs for info in self.layers.values()) or 1
+        int8 = [self.layers[n] for n in plan.int8_layers if n in self.layers]
+        int8_params = sum(info.params for info in int8)
+        # int8 weights take one byte; each keeps a float scale per output channel (upper bound)
+        scales = sum(4 * info.weight_shape[0] for info in int8)
+        return {
+            "macs": sum(info.macs for info in int8) / total_macs,
+            "params": int8_params / max(self.model_params, 1),
+            "int8_bytes": self.model_bytes - 3 * int8_params + scales,
+            "fp32_bytes": self.model_bytes,
+        }
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, calibration: Any, *, max_bins: int = 4096) -> Calibration:
+    """Run `model` once over `calibration` (an iterable of batches) and gather per-layer stats."""
+    batches = as_batches(calibration)
+    modules = quantizable_layers(model)
+    if not modules:
+        raise CalibrationError(
+            f"{type(model).__name__} has no quantizable layer (nn.Linear, nn.Conv1d/2d/3d) below its root."
+        )
+    layers = {
+        name: LayerInfo(name, type(m).__name__, tuple(m.weight.shape), m.weight.numel(), input=TensorStats(max_bins))
+        for name, m in modules.items()
+    }
+
+    def record(name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        info = layers[name]
+        info.input.update(args[0])
+        info.calls += 1
+        # MACs = output elements x multiply-adds per output element
+        per_output = module.weight[0].numel() if isinstance(module, nn.modules.conv._ConvNd) else module.in_features
+        info.macs += output.numel() * per_output
+
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=name: record(n, mod, a, out)) for name, m in modules.items()]
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        for i, batch in enumerate(batches):
+            try:
+                call_model(model, batch)
+            except Exception as exc:  # the user's data or model: say which batch and why
+                raise CalibrationError(f"calibration batch {i} could not be run through the model: {exc}") from exc
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    unused = [n for n, info in layers.items() if info.calls == 0]
+    for name in unused:  # a layer the forward never reaches cannot be calibrated: leave it out
+        del layers[name]
+    return Calibration(model, layers, batches, time.perf_counter() - start)

@@ -1,0 +1,164 @@
+"""Plans: which layers run INT8, and how. Plain, frozen, versioned data that round-trips through JSON.
+
+```json
+{"version": 1,
+ "layers": {"conv1": {"precision": "int8", "activation": "percentile-99.99",
+                      "scheme": "affine", "weights": "per_channel"},
+            "fc2":   {"precision": "fp32"}}}
+```
+A layer left out of a plan stays FP32. A FP32 layer keeps its weights and its input in float.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import InvalidPlanError
+from .histogram import METHODS
+
+PLAN_VERSION = 1
+PRECISIONS = ("int8", "fp32")
+SCHEMES = ("affine", "symmetric")
+GRANULARITIES = ("per_channel", "per_tensor")
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """How one layer is quantized. `activation` is the calibration method of its input range,
+    `scheme` the input's quantization (affine: UINT8 with a zero point; symmetric: INT8, z = 0),
+    `weights` the weight granularity (weights are always symmetric INT8)."""
+
+    precision: str = "int8"
+    activation: str = "max"
+    scheme: str = "affine"
+    weights: str = "per_channel"
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (
+            ("precision", self.precision, PRECISIONS),
+            ("activation", self.activation, METHODS),
+            ("scheme", self.scheme, SCHEMES),
+            ("weights", self.weights, GRANULARITIES),
+        ):
+            if value not in allowed:
+                raise InvalidPlanError(f"`{name}` must be one of {list(allowed)}, but got {value!r}.")
+
+    @property
+    def int8(self) -> bool:
+        return self.precision == "int8"
+
+    @property
+    def symmetric(self) -> bool:
+        return self.scheme == "symmetric"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"precision": "fp32"} if not self.int8 else asdict(self)
+
+    def short(self) -> str:
+        """A compact label, e.g. `int8 mse/affine/per_channel` or `fp32`."""
+        return "fp32" if not self.int8 else f"int8 {self.activation}/{self.scheme}/{self.weights}"
+
+
+FP32 = LayerConfig(precision="fp32")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per layer (qualified module name), its `LayerConfig`."""
+
+    layers: Mapping[str, LayerConfig] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != PLAN_VERSION:
+            raise InvalidPlanError(f"plan `version` must be {PLAN_VERSION}, but got {self.version!r}.")
+        for name, config in self.layers.items():
+            if not isinstance(name, str) or not name:
+                raise InvalidPlanError(f"layer names must be non-empty strings, but got {name!r}.")
+            if not isinstance(config, LayerConfig):
+                raise InvalidPlanError(f"layer {name!r} must map to a LayerConfig, but got {type(config).__name__}.")
+        object.__setattr__(self, "layers", dict(sorted(self.layers.items())))
+
+    # -- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def uniform(cls, layers: Iterable[str], config: LayerConfig = LayerConfig()) -> Plan:
+        """Every named layer with the same config."""
+        return cls({name: config for name in layers})
+
+    def replace(self, changes: Mapping[str, LayerConfig]) -> Plan:
+        """A new plan with some layers' configs replaced."""
+        return Plan({**self.layers, **changes})
+
+    def fallback(self, names: Iterable[str]) -> Plan:
+        """A new plan with the named layers in FP32."""
+        return self.replace({name: FP32 for name in names})
+
+    # -- reading ----------------------------------------------------------------------------
+
+    @property
+    def int8_layers(self) -> list[str]:
+        return [n for n, c in self.layers.items() if c.int8]
+
+    @property
+    def fp32_layers(self) -> list[str]:
+        return [n for n, c in self.layers.items() if not c.int8]
+
+    def config(self, name: str) -> LayerConfig:
+        return self.layers.get(name, FP32)
+
+    def summary(self) -> str:
+        """One line: how many layers are INT8 and the most common setting."""
+        int8 = [c for c in self.layers.values() if c.int8]
+        if not int8:
+            return f"0/{len(self.layers)} int8"
+        settings: dict[str, int] = {}
+        for c in int8:
+            key = f"{c.activation}/{c.scheme}/{c.weights}"
+            settings[key] = settings.get(key, 0) + 1
+        top = max(settings, key=settings.__getitem__)
+        more = f" +{len(settings) - 1} other" if len(settings) > 1 else ""
+        return f"{len(int8)}/{len(self.layers)} int8 ({top}{more})"
+
+    # -- JSON -------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "layers": {n: c.to_dict() for n, c in self.layers.items()}}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        if not isinstance(data, Mapping):
+            raise InvalidPlanError(f"a plan must be a JSON object, but got {type(data).__name__}.")
+        unknown = set(data) - {"version", "layers"}
+        if unknown:
+            raise InvalidPlanError(f"a plan has only 'version' and 'layers', but got {sorted(unknown)}.")
+        layers = data.get("layers", {})
+        if not isinstance(layers, Mapping):
+            raise InvalidPlanError(f"plan 'layers' must be an object, but got {type(layers).__name__}.")
+        configs = {}
+        for name, raw in layers.items():
+            if not isinstance(raw, Mapping):
+                raise InvalidPlanError(f"layer {name!r} must be an object, but got {type(raw).__name__}.")
+            extra = set(raw) - set(LayerConfig.__dataclass_fields__)
+            if extra:
+                raise InvalidPlanError(f"layer {name!r} has unknown fields {sorted(extra)}.")
+            configs[name] = FP32 if raw.get("precision") == "fp32" else LayerConfig(**raw)
+        return cls(configs, version=data.get("version", PLAN_VERSION))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Plan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidPlanError(f"a plan must be valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    def key(self) -> str:
+        """A canonical string identifying the plan (same plan, same key)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

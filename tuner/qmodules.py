@@ -1,0 +1,66 @@
+"""Simulated INT8 layers and `apply_plan`, which builds a new model from a plan.
+
+A `QuantizedLayer` quantize-dequantizes its input with the plan's activation parameters and runs
+the wrapped layer with quantize-dequantized weights: the numbers an INT8 runtime computes with.
+It keeps the integer parameters (`act_qparams`, `weight_qparams`) for the ONNX exporter.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .calibrate import Calibration
+from .plan import LayerConfig, Plan
+from .quant import QParams
+
+
+class QuantizedLayer(nn.Module):
+    """A Linear/Conv layer whose input activation and weights are quantized (simulated)."""
+
+    def __init__(self, layer: nn.Module, config: LayerConfig, act_qparams: QParams, weight_qparams: QParams,
+                 fake_weight: torch.Tensor):
+        super().__init__()
+        inner = copy.copy(layer)  # shares everything but the weight with `layer`
+        inner._parameters = dict(layer._parameters)
+        inner._parameters["weight"] = nn.Parameter(fake_weight, requires_grad=False)
+        self.layer = inner
+        self.config = config
+        self.act_qparams = act_qparams
+        self.weight_qparams = weight_qparams
+        self.register_buffer("act_scale", act_qparams.scale.reshape(()).clone(), persistent=False)
+        self.register_buffer("act_zero_point", act_qparams.zero_point.reshape(()).clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if x.is_floating_point():
+            x = torch.fake_quantize_per_tensor_affine(
+                x.float(), self.act_scale, self.act_zero_point, self.act_qparams.qmin, self.act_qparams.qmax
+            ).to(x.dtype)
+        return self.layer(x, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return self.config.short()
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def apply_plan(model: nn.Module, plan: Plan, calibration: Calibration, *, share_weights: bool = False) -> nn.Module:
+    """A new model running `plan`: INT8 layers simulated, every other layer untouched FP32.
+
+    The caller's `model` is never modified. With `share_weights=True` the new model shares the
+    caller's FP32 parameter tensors instead of copying them (fast; for throw-away trial models).
+    """
+    calibration.check_plan(plan)
+    memo = {id(p): p for p in model.parameters()} if share_weights else {}
+    new = copy.deepcopy(model, memo)
+    for name in plan.int8_layers:
+        config = plan.layers[name]
+        act = calibration.activation_qparams(name, config.activation, config.symmetric)
+        wqp, fake_weight = calibration.weight(name, config.weights)
+        _set_submodule(new, name, QuantizedLayer(new.get_submodule(name), config, act, wqp, fake_weight))
+    return new.eval()
