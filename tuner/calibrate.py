@@ -37,6 +37,16 @@ class LayerInfo:
     macs: int = 0  # multiply-accumulates over the whole calibration set
     calls: int = 0
     input: TensorStats = field(default_factory=TensorStats)
+    channel_min: torch.Tensor | None = None  # per input channel, for SmoothQuant
+    channel_max: torch.Tensor | None = None
+
+    def update_channels(self, x: torch.Tensor, axis: int) -> None:
+        x = x.detach().float().movedim(axis, -1).reshape(-1, x.shape[axis])
+        lo, hi = x.amin(0), x.amax(0)
+        if self.channel_min is None:
+            self.channel_min, self.channel_max = lo, hi
+        else:
+            self.channel_min, self.channel_max = torch.minimum(self.channel_min, lo), torch.maximum(self.channel_max, hi)
 
 
 class Calibration:
@@ -51,21 +61,42 @@ class Calibration:
         self.model_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
             b.numel() * b.element_size() for b in model.buffers()
         )
-        self._weights: dict[tuple[str, str], tuple[QParams, torch.Tensor]] = {}
+        self._weights: dict[tuple[str, str, float], tuple[QParams, torch.Tensor]] = {}
         self._modules = quantizable_layers(model)
 
     # -- quantization parameters -------------------------------------------------------------
 
-    def activation_qparams(self, name: str, method: str, symmetric: bool) -> QParams:
-        lo, hi = self.layers[name].input.range(method, symmetric)
+    def activation_qparams(self, name: str, method: str, symmetric: bool, smooth: float = 0.0) -> QParams:
+        info = self.layers[name]
+        if smooth:  # the smoothed input x / s: its exact range follows from the per-channel min/max
+            s = self.smoothing_factors(name, smooth)
+            lo, hi = (info.channel_min / s).min().item(), (info.channel_max / s).max().item()
+            if symmetric:
+                lo, hi = -max(-lo, hi), max(-lo, hi)
+        else:
+            lo, hi = info.input.range(method, symmetric)
         return compute_qparams(lo, hi, symmetric=symmetric, qtype=INT8 if symmetric else UINT8)
 
-    def weight(self, name: str, granularity: str) -> tuple[QParams, torch.Tensor]:
+    def smoothing_factors(self, name: str, alpha: float) -> torch.Tensor:
+        """SmoothQuant's per-input-channel divisors s_j = max|x_j|^a / max|W[:, j]|^(1 - a)."""
+        info = self.layers[name]
+        act = torch.maximum(-info.channel_min, info.channel_max).clamp(min=1e-5)
+        w = self._modules[name].weight.detach().float()
+        w_cols = w.transpose(0, 1).reshape(w.shape[1], -1).abs().amax(1)
+        if w_cols.numel() != act.numel():  # grouped convolutions: channels do not line up
+            raise InvalidPlanError(f"layer {name!r} cannot be smoothed: its weight columns do not match its input channels.")
+        return (act.pow(alpha) / w_cols.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
+
+    def weight(self, name: str, granularity: str, smooth: float = 0.0) -> tuple[QParams, torch.Tensor]:
         """The layer's weight quantization parameters and its quantize-dequantized weight (cached:
-        plans that share a setting share the tensor)."""
-        key = (name, granularity)
+        plans that share a setting share the tensor). A smoothed weight has its input columns
+        multiplied by the smoothing factors."""
+        key = (name, granularity, smooth)
         if key not in self._weights:
             w = self._modules[name].weight.detach()
+            if smooth:
+                s = self.smoothing_factors(name, smooth)
+                w = w * s.reshape(1, -1, *([1] * (w.dim() - 2)))
             qp = weight_qparams(w, granularity)
             self._weights[key] = (qp, fake_quantize(w, qp))
         return self._weights[key]
@@ -116,6 +147,7 @@ def calibrate(model: nn.Module, calibration: Any, *, max_bins: int = 4096) -> Ca
     def record(name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         info = layers[name]
         info.input.update(args[0])
+        info.update_channels(args[0], axis=-1 if isinstance(module, nn.Linear) else 1)
         info.calls += 1
         # MACs = output elements x multiply-adds per output element
         per_output = module.weight[0].numel() if isinstance(module, nn.modules.conv._ConvNd) else module.in_features

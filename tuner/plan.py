@@ -29,12 +29,16 @@ GRANULARITIES = ("per_channel", "per_tensor")
 class LayerConfig:
     """How one layer is quantized. `activation` is the calibration method of its input range,
     `scheme` the input's quantization (affine: UINT8 with a zero point; symmetric: INT8, z = 0),
-    `weights` the weight granularity (weights are always symmetric INT8)."""
+    `weights` the weight granularity (weights are always symmetric INT8), `smooth` the
+    SmoothQuant migration strength alpha in [0, 1] (0: off): input channel j is divided by
+    s_j = max|x_j|^alpha / max|W[:, j]|^(1 - alpha) and weight column j multiplied by it, which
+    moves activation outliers into the weights; smoothed inputs are calibrated by "max"."""
 
     precision: str = "int8"
     activation: str = "max"
     scheme: str = "affine"
     weights: str = "per_channel"
+    smooth: float = 0.0
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -45,6 +49,12 @@ class LayerConfig:
         ):
             if value not in allowed:
                 raise InvalidPlanError(f"`{name}` must be one of {list(allowed)}, but got {value!r}.")
+        if not isinstance(self.smooth, (int, float)) or not 0.0 <= self.smooth <= 1.0:
+            raise InvalidPlanError(f"`0 <= smooth <= 1` must hold, but got smooth={self.smooth!r}.")
+        if self.smooth and self.activation != "max":
+            raise InvalidPlanError(
+                f"a smoothed input (smooth={self.smooth}) is calibrated by 'max' only, but got {self.activation!r}."
+            )
 
     @property
     def int8(self) -> bool:
@@ -54,12 +64,22 @@ class LayerConfig:
     def symmetric(self) -> bool:
         return self.scheme == "symmetric"
 
-    def to_dict(self) -> dict[str, str]:
-        return {"precision": "fp32"} if not self.int8 else asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        if not self.int8:
+            return {"precision": "fp32"}
+        data = asdict(self)
+        if not self.smooth:
+            del data["smooth"]  # keep plans short; absent means 0
+        return data
+
+    def setting(self) -> str:
+        """The INT8 setting as one label, e.g. `mse/affine/per_channel` or `max/affine/per_channel/smooth0.5`."""
+        label = f"{self.activation}/{self.scheme}/{self.weights}"
+        return f"{label}/smooth{self.smooth:g}" if self.smooth else label
 
     def short(self) -> str:
         """A compact label, e.g. `int8 mse/affine/per_channel` or `fp32`."""
-        return "fp32" if not self.int8 else f"int8 {self.activation}/{self.scheme}/{self.weights}"
+        return f"int8 {self.setting()}" if self.int8 else "fp32"
 
 
 FP32 = LayerConfig(precision="fp32")
@@ -117,7 +137,7 @@ class Plan:
             return f"0/{len(self.layers)} int8"
         settings: dict[str, int] = {}
         for c in int8:
-            key = f"{c.activation}/{c.scheme}/{c.weights}"
+            key = c.setting()
             settings[key] = settings.get(key, 0) + 1
         top = max(settings, key=settings.__getitem__)
         more = f" +{len(settings) - 1} other" if len(settings) > 1 else ""

@@ -21,7 +21,7 @@ class QuantizedLayer(nn.Module):
     """A Linear/Conv layer whose input activation and weights are quantized (simulated)."""
 
     def __init__(self, layer: nn.Module, config: LayerConfig, act_qparams: QParams, weight_qparams: QParams,
-                 fake_weight: torch.Tensor):
+                 fake_weight: torch.Tensor, input_divisor: torch.Tensor | None = None):
         super().__init__()
         inner = copy.copy(layer)  # shares everything but the weight with `layer`
         inner._parameters = dict(layer._parameters)
@@ -32,8 +32,15 @@ class QuantizedLayer(nn.Module):
         self.weight_qparams = weight_qparams
         self.register_buffer("act_scale", act_qparams.scale.reshape(()).clone(), persistent=False)
         self.register_buffer("act_zero_point", act_qparams.zero_point.reshape(()).clone(), persistent=False)
+        # SmoothQuant: x / s per input channel (the weight columns were multiplied by s)
+        self.channel_axis = -1 if isinstance(layer, nn.Linear) else 1
+        self.register_buffer("input_divisor", input_divisor, persistent=False)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.input_divisor is not None:
+            shape = [1] * x.dim()
+            shape[self.channel_axis] = -1
+            x = x / self.input_divisor.reshape(shape)
         if x.is_floating_point():
             x = torch.fake_quantize_per_tensor_affine(
                 x.float(), self.act_scale, self.act_zero_point, self.act_qparams.qmin, self.act_qparams.qmax
@@ -60,7 +67,8 @@ def apply_plan(model: nn.Module, plan: Plan, calibration: Calibration, *, share_
     new = copy.deepcopy(model, memo)
     for name in plan.int8_layers:
         config = plan.layers[name]
-        act = calibration.activation_qparams(name, config.activation, config.symmetric)
-        wqp, fake_weight = calibration.weight(name, config.weights)
-        _set_submodule(new, name, QuantizedLayer(new.get_submodule(name), config, act, wqp, fake_weight))
+        act = calibration.activation_qparams(name, config.activation, config.symmetric, config.smooth)
+        wqp, fake_weight = calibration.weight(name, config.weights, config.smooth)
+        divisor = calibration.smoothing_factors(name, config.smooth) if config.smooth else None
+        _set_submodule(new, name, QuantizedLayer(new.get_submodule(name), config, act, wqp, fake_weight, divisor))
     return new.eval()

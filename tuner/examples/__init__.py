@@ -1,0 +1,1 @@
+"""Bundled examples: small models trained in seconds on data that ships with scikit-learn."""
