@@ -1,0 +1,184 @@
+"""The REST contract: pydantic models at the HTTP edge only (requests, responses, errors).
+
+Families follow the FastAPI full-stack template: `JobCreate` (what a client sends),
+`JobPublic` (what it gets back), `JobsPublic{data, count}` (a page). The SDK and the dashboard
+import these same classes.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JOB_STATUSES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED_STATUSES: tuple[str, ...] = ("succeeded", "failed", "cancelled")
+TrialState = Literal["RUNNING", "COMPLETE", "FAIL", "PRUNED", "WAITING"]
+Evaluator = Literal["top1", "agreement"]
+
+REFERENCE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+# Multipart file parts of `POST /v1/jobs` (besides the `spec` JSON part).
+FILE_PARTS: tuple[str, ...] = ("model_file", "weights_file", "calibration_file", "eval_file")
+
+
+def _check_reference(value: str | None, what: str) -> str | None:
+    if value is not None and not REFERENCE_RE.match(value):
+        raise ValueError(f"{what} must be a reference 'package.module:callable', but got {value!r}.")
+    return value
+
+
+class JobCreate(BaseModel):
+    """The `spec` part of `POST /v1/jobs` (a JSON object). Which sources are used:
+
+    - model: the `model_file` upload (a torch.export archive), or `model` = factory reference
+      `module:callable` (optionally with a `weights_file` state dict);
+    - calibration: the `calibration_file` upload, or `calibration` = reference returning batches;
+    - evaluation: `evaluate` = reference `module:callable(model) -> float`, or `evaluator` =
+      a built-in (`top1` needs an `eval_file` with inputs and `label`; `agreement` compares with
+      the FP32 model's top-1 on `eval_file` inputs, or on the calibration data without one).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("job", min_length=1, max_length=200)
+    model: str | None = Field(None, max_length=300, description="Factory reference 'module:callable' returning the FP32 nn.Module.")
+    calibration: str | None = Field(None, max_length=300, description="Reference 'module:callable' returning an iterable of batches.")
+    evaluate: str | None = Field(None, max_length=300, description="Reference 'module:callable' taking the model, returning a float.")
+    evaluator: Evaluator | None = Field(None, description="Built-in evaluator used instead of `evaluate`.")
+    batch_size: int = Field(32, ge=1, le=65536, description="Batch size used to split uploaded calibration/eval tensors.")
+    max_drop: float = Field(0.01, ge=0.0, lt=1e9, description="Accuracy budget (relative share unless relative=false).")
+    relative: bool = True
+    higher_is_better: bool = True
+    max_trials: int | None = Field(None, ge=1, le=100_000)
+    timeout: float | None = Field(None, gt=0, le=30 * 24 * 3600, description="Seconds of search before stopping.")
+    space: dict[str, Any] | None = Field(None, description="Search-space restriction passed to tune(space=...).")
+    parallelism: int = Field(1, ge=1, le=64, description="How many workers may work on this job at once.")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @field_validator("model", "calibration", "evaluate")
+    @classmethod
+    def _reference(cls, value: str | None, info: Any) -> str | None:
+        return _check_reference(value, f"`{info.field_name}`")
+
+    @model_validator(mode="after")
+    def _relative_budget(self) -> JobCreate:
+        if self.relative and not self.max_drop < 1:
+            raise ValueError(f"`0 <= max_drop < 1` must hold for a relative budget, but got max_drop={self.max_drop}.")
+        if self.evaluate is not None and self.evaluator is not None:
+            raise ValueError("give either `evaluate` (a reference) or `evaluator` (a built-in), not both.")
+        if self.evaluate is None and self.evaluator is None:
+            raise ValueError("an evaluation is required: `evaluate` (reference) or `evaluator` ('top1' | 'agreement').")
+        return self
+
+
+class Progress(BaseModel):
+    """Search progress, updated by the workers after every trial."""
+
+    trials: int = Field(0, description="Finished trials (complete or failed) in the job's study.")
+    evaluations: int = Field(0, description="Calls of the evaluation function so far.")
+    best_score: float | None = None
+    best_drop: float | None = None
+    best_coverage: float | None = Field(None, description="Share of MACs in INT8 of the best plan (0..1).")
+    met: bool | None = Field(None, description="Whether the best plan so far meets the budget.")
+
+
+class JobPublic(BaseModel):
+    id: int
+    name: str
+    status: JobStatus
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime
+    # what was submitted
+    model_source: str = Field(description="'upload:<filename>' for a torch.export archive, else the factory reference.")
+    calibration_source: str
+    evaluation_source: str
+    max_drop: float
+    relative: bool
+    higher_is_better: bool
+    max_trials: int | None = None
+    timeout: float | None = None
+    space: dict[str, Any] | None = None
+    parallelism: int
+    seed: int
+    workers: int = Field(0, description="Workers holding a live lease on this job now.")
+    progress: Progress
+    # the outcome (filled when the job succeeds; baseline as soon as it is known)
+    baseline: float | None = None
+    score: float | None = None
+    drop: float | None = None
+    coverage: float | None = Field(None, description="Share of MACs in INT8 of the chosen plan (0..1).")
+    met: bool | None = None
+    deployed_score: float | None = Field(None, description="Score of the exported INT8 ONNX model on ONNX Runtime.")
+    reason: str | None = Field(None, description="Why the budget was not met / the search stopped, when it applies.")
+    error: str | None = Field(None, description="Why the job failed.")
+    artifacts: list[str] = Field(default_factory=list, description="Names downloadable at /v1/jobs/{id}/artifacts/{name}.")
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    count: int = Field(description="Total number of matching jobs (all pages).")
+
+
+class TrialPublic(BaseModel):
+    number: int
+    state: TrialState
+    summary: str | None = None
+    score: float | None = None
+    drop: float | None = None
+    coverage: float | None = None
+    duration_s: float | None = None
+    error: str | None = None
+    fp32_layers: list[str] = Field(default_factory=list)
+    params: dict[str, Any] = Field(default_factory=dict, description="The Optuna parameters of the trial.")
+    plan: dict[str, Any] | None = Field(None, description="The full plan; only with ?include_plan=true.")
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class TrialsPublic(BaseModel):
+    data: list[TrialPublic]
+    count: int
+
+
+class LedgerPublic(BaseModel):
+    """Per-layer view of the search: layer names in order, and the tuner's ledger (from the
+    report once the job succeeded, `null` before)."""
+
+    layers: list[str] = Field(default_factory=list)
+    baseline: float | None = None
+    ledger: Any = None
+
+
+class ArtifactPublic(BaseModel):
+    name: str
+    size: int
+    sha256: str
+
+
+class ArtifactsPublic(BaseModel):
+    data: list[ArtifactPublic]
+    count: int
+
+
+class HealthPublic(BaseModel):
+    status: Literal["ok"]
+    database: Literal["ok"]
+    version: str
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. 'not_found', 'invalid_input'.")
+    message: str = Field(description="Human-readable, names the field or value at fault.")
+    field: str | None = Field(None, description="Dotted location of the offending input, e.g. 'spec.max_drop'.")
+
+
+class ErrorBody(BaseModel):
+    """The one error shape of every non-2xx response."""
+
+    error: ErrorInfo
