@@ -5,6 +5,7 @@ again."""
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,7 @@ class Calibration:
             lo, hi = info.input.range(method, symmetric)
         return compute_qparams(lo, hi, symmetric=symmetric, qtype=INT8 if symmetric else UINT8)
 
+    @functools.lru_cache(maxsize=None)  # noqa: B019  (the calibration lives as long as its cache should)
     def smoothing_factors(self, name: str, alpha: float) -> torch.Tensor:
         """SmoothQuant's per-input-channel divisors s_j = max|x_j|^a / max|W[:, j]|^(1 - a)."""
         info = self.layers[name]

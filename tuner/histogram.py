@@ -39,6 +39,7 @@ class TensorStats:
         self.width = 0.0  # bin k covers [k * width, (k + 1) * width)
         self.first_bin = 0
         self.counts = np.zeros(0, dtype=np.float64)
+        self._ranges: dict[tuple[str, bool], tuple[float, float]] = {}  # derived ranges, until the next update
 
     # -- gathering ---------------------------------------------------------------------------
 
@@ -47,6 +48,7 @@ class TensorStats:
         x = x[torch.isfinite(x)]
         if x.numel() == 0:
             return
+        self._ranges.clear()
         lo, hi = x.min().item(), x.max().item()
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         self.count += x.numel()
@@ -108,6 +110,12 @@ class TensorStats:
         check_method(method)
         if self.empty:
             return 0.0, 0.0
+        key = (method, symmetric)
+        if key not in self._ranges:
+            self._ranges[key] = self._compute_range(method, symmetric)
+        return self._ranges[key]
+
+    def _compute_range(self, method: str, symmetric: bool) -> tuple[float, float]:
         if method == "max":
             lo, hi = self.min, self.max
         elif method.startswith("percentile-"):

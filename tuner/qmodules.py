@@ -23,7 +23,10 @@ class QuantizedLayer(nn.Module):
     def __init__(self, layer: nn.Module, config: LayerConfig, act_qparams: QParams, weight_qparams: QParams,
                  fake_weight: torch.Tensor, input_divisor: torch.Tensor | None = None):
         super().__init__()
-        inner = copy.copy(layer)  # shares everything but the weight with `layer`
+        inner = copy.copy(layer)  # shares everything but the weight and the hooks with `layer`
+        for attr, value in vars(layer).items():
+            if "hooks" in attr and isinstance(value, dict):
+                setattr(inner, attr, type(value)())
         inner._parameters = dict(layer._parameters)
         inner._parameters["weight"] = nn.Parameter(fake_weight, requires_grad=False)
         self.layer = inner

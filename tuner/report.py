@@ -1,0 +1,172 @@
+"""Per-layer error report from the calibration data alone (no user evaluation).
+
+For every quantizable layer and every INT8 setting (activation calibration method x scheme x
+weight granularity, plus SmoothQuant), the SQNR of the layer's output when that layer alone is
+quantized: signal = FP32 output, noise = FP32 output - simulated INT8 output, accumulated over
+the calibration batches in one extra forward pass (the ranges must be known first).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .batches import call_model
+from .calibrate import Calibration, quantizable_layers
+from .histogram import METHODS
+from .plan import GRANULARITIES, SCHEMES, LayerConfig, Plan
+from .qmodules import QuantizedLayer
+
+SMOOTH_ALPHA = 0.5
+
+
+def all_settings(
+    methods: Sequence[str] = METHODS,
+    schemes: Sequence[str] = SCHEMES,
+    weights: Sequence[str] = GRANULARITIES,
+    smooth: bool = True,
+) -> list[LayerConfig]:
+    """Every INT8 setting of a layer within the given choices."""
+    settings = [LayerConfig("int8", m, s, w) for m, s, w in itertools.product(methods, schemes, weights)]
+    if smooth:
+        settings += [LayerConfig("int8", "max", s, w, SMOOTH_ALPHA) for s, w in itertools.product(schemes, weights)]
+    return settings
+
+
+@dataclass
+class LayerErrors:
+    """One layer's measured output SQNR (dB) under each setting; higher is better."""
+
+    name: str
+    kind: str
+    macs: int
+    params: int
+    sqnr: dict[str, float] = field(default_factory=dict)  # setting label -> dB
+    settings: dict[str, LayerConfig] = field(default_factory=dict)
+
+    def best(self, allowed: Iterable[LayerConfig] | None = None) -> LayerConfig:
+        """The setting with the highest SQNR (ties: the first listed, i.e. the simplest)."""
+        labels = [c.setting() for c in allowed] if allowed is not None else list(self.sqnr)
+        labels = [label for label in labels if label in self.sqnr]
+        return self.settings[max(labels, key=lambda label: self.sqnr[label])]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "macs": self.macs,
+            "params": self.params,
+            "sqnr_db": {k: (round(v, 3) if math.isfinite(v) else v) for k, v in self.sqnr.items()},
+        }
+
+
+@dataclass
+class LayerReport:
+    """The error report of every layer, and the figures of a plan."""
+
+    layers: dict[str, LayerErrors]
+    calibration: Calibration
+    seconds: float
+
+    def best_plan(self, allowed: Iterable[LayerConfig] | None = None) -> Plan:
+        """Every layer INT8 with its own best-measured setting."""
+        allowed = list(allowed) if allowed is not None else None
+        return Plan({name: errors.best(allowed) for name, errors in self.layers.items()})
+
+    def coverage(self, plan: Plan) -> dict[str, float]:
+        return self.calibration.coverage(plan)
+
+    def table(self, plan: Plan | None = None) -> list[dict[str, Any]]:
+        """Rows for printing: per layer, its best setting and SQNR, and its state in `plan`."""
+        rows = []
+        total_macs = sum(e.macs for e in self.layers.values()) or 1
+        for name, errors in self.layers.items():
+            best = errors.best()
+            rows.append({
+                "layer": name,
+                "kind": errors.kind,
+                "macs_share": errors.macs / total_macs,
+                "best_setting": best.setting(),
+                "best_sqnr_db": errors.sqnr[best.setting()],
+                "worst_sqnr_db": min(errors.sqnr.values()),
+                "plan": plan.config(name).short() if plan is not None else None,
+            })
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seconds": round(self.seconds, 3), "layers": [e.to_dict() for e in self.layers.values()]}
+
+
+def _subsample(x: torch.Tensor, module: nn.Module, max_rows: int) -> torch.Tensor:
+    if isinstance(module, nn.Linear):
+        rows = x.reshape(-1, x.shape[-1])
+        return rows[:: max(1, -(-rows.shape[0] // max_rows))]
+    samples = max(1, max_rows // 32)  # a convolution's sample holds many rows (positions)
+    return x[:samples] if x.dim() > module.weight.dim() - 1 else x
+
+
+@torch.no_grad()
+def layer_report(
+    model: nn.Module,
+    calibration: Calibration,
+    settings: Sequence[LayerConfig] | None = None,
+    max_batches: int | None = None,
+    max_rows: int = 512,
+) -> LayerReport:
+    """Measure each layer's output SQNR under each setting over the calibration batches.
+
+    Each layer sees at most `max_rows` input rows per batch (tokens for a Linear, samples for a
+    convolution): SQNR is a ratio of sums, and a subsample estimates it well at a fraction of the
+    cost of running every setting on every row."""
+    settings = list(settings) if settings is not None else all_settings()
+    modules = {n: m for n, m in quantizable_layers(model).items() if n in calibration.layers}
+    variants: dict[str, list[tuple[str, QuantizedLayer]]] = {}
+    for name, module in modules.items():
+        variants[name] = []
+        for config in settings:
+            act = calibration.activation_qparams(name, config.activation, config.symmetric, config.smooth)
+            wqp, fake_weight = calibration.weight(name, config.weights, config.smooth)
+            divisor = calibration.smoothing_factors(name, config.smooth) if config.smooth else None
+            variants[name].append((config.setting(), QuantizedLayer(module, config, act, wqp, fake_weight, divisor)))
+    signal = {name: 0.0 for name in modules}
+    noise = {name: {label: 0.0 for label, _ in variants[name]} for name in modules}
+
+    def measure(name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = _subsample(args[0], module, max_rows)
+        ref = module.forward(x, *args[1:], **kwargs).double()  # .forward: no hooks, no recursion
+        signal[name] += float(torch.sum(ref * ref))
+        for label, qlayer in variants[name]:
+            noise[name][label] += float(torch.sum((ref - qlayer(x, *args[1:], **kwargs).double()) ** 2))
+
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, a, kw, n=name: measure(n, mod, a, kw), with_kwargs=True)
+        for name, m in modules.items()
+    ]
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in calibration.batches[:max_batches]:
+            call_model(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    layers = {}
+    for name in modules:
+        info = calibration.layers[name]
+        errors = LayerErrors(name, info.kind, info.macs, info.params)
+        for config in settings:
+            label = config.setting()
+            n, s = noise[name][label], signal[name]
+            errors.sqnr[label] = math.inf if n == 0 else (-math.inf if s == 0 else 10 * math.log10(s / n))
+            errors.settings[label] = config
+        layers[name] = errors
+    return LayerReport(layers, calibration, time.perf_counter() - start)
