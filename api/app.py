@@ -1,0 +1,85 @@
+"""`create_app(settings)`: the FastAPI application, routes closed over injected dependencies."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import __version__
+from .auth import bearer_source
+from .db import make_engine, make_sessionmaker
+from .errors import PayloadTooLarge, error_response, install_error_handlers
+from .routes import artifacts, health, jobs, trials
+from .settings import Settings, get_settings
+from .studies import Studies
+
+log = logging.getLogger("quanttune.api")
+
+
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes with 413: at once when Content-Length says so,
+    else while the body streams in (the error then surfaces inside the route as a 413)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for key, value in scope.get("headers", []):
+            if key == b"content-length":
+                try:
+                    too_large = int(value) > self.limit
+                except ValueError:
+                    too_large = False
+                if too_large:
+                    response = error_response(413, "payload_too_large", self._message())
+                    return await response(scope, receive, send)
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise PayloadTooLarge(self._message())
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _message(self) -> str:
+        return f"request body over the limit of {self.limit} bytes (QUANTTUNE_MAX_UPLOAD_BYTES)."
+
+
+def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
+    """Build the app. The database schema must exist (`quanttune migrate`)."""
+    settings = settings or get_settings(**overrides)
+    engine = make_engine(settings.db_url)
+    studies = Studies(settings.db_url)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):  # noqa: ANN202
+        yield
+        studies.close()
+        engine.dispose()
+
+    app = FastAPI(title="quanttune", version=__version__, lifespan=lifespan,
+                  description="Accuracy-aware INT8 quantization tuning as a service. See docs/api.md.")
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessions = make_sessionmaker(engine)
+    app.state.studies = studies
+    app.state.auth_sources = [bearer_source]  # the dashboard appends its cookie source
+
+    install_error_handlers(app)
+    v1 = APIRouter(prefix="/v1")
+    for module in (health, jobs, trials, artifacts):
+        v1.include_router(module.router)
+    app.include_router(v1)
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+    return app

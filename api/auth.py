@@ -1,0 +1,74 @@
+"""Tokens (stored as SHA-256, never in clear) and the one auth dependency every route uses.
+
+`current_owner` asks each source in `app.state.auth_sources` for a raw token; `create_app`
+installs the bearer header; the dashboard appends its cookie session source."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from .errors import InvalidToken, Unauthorized
+from .models import Token
+
+log = logging.getLogger("quanttune.auth")
+TOKEN_PREFIX = "qt_"
+AuthSource = Callable[[Request], "str | None"]
+
+
+def hash_token(raw: str) -> str:
+    return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def create_token(session: Session, name: str) -> str:
+    """Store a new token's hash and return the token itself (shown once)."""
+    raw = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    session.add(Token(name=name, token_hash=hash_token(raw)))
+    session.commit()
+    return raw
+
+
+def bearer_source(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+def owner_for(session: Session, raw: str) -> Token | None:
+    return session.scalar(select(Token).where(Token.token_hash == hash_token(raw)))
+
+
+def current_owner(request: Request) -> Token:
+    """The token-holder of this request, from the first auth source that yields a token."""
+    raw = None
+    for source in request.app.state.auth_sources:
+        raw = source(request)
+        if raw:
+            break
+    if not raw:
+        log.info("auth failed: no token on %s %s from %s", request.method, request.url.path, _client(request))
+        raise Unauthorized("authentication required: send 'Authorization: Bearer <token>'.")
+    with request.app.state.sessions() as session:
+        token = owner_for(session, raw)
+    if token is None:
+        log.warning("auth failed: unknown token on %s %s from %s", request.method, request.url.path, _client(request))
+        raise InvalidToken("invalid token.")
+    return token
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "?"
+
+
+Owner = Annotated[Token, Depends(current_owner)]

@@ -1,0 +1,223 @@
+"""Jobs on the API side: checking a submission completely before storing anything, storing it in
+one transaction, reading jobs back for their owner, cancel and delete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from datetime import timezone
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+import tuner
+from tuner.space import SearchSpace
+
+from .db import epoch, utcnow
+from .errors import Conflict, InvalidInput, NotFound
+from .models import Job, JobFile, Lease
+from .references import resolve
+from .schemas import FINISHED_STATUSES, JobCreate, JobPublic, Progress
+from .settings import Settings
+from .tensorfiles import check_dataset, read_tensors, sniff
+
+SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass
+class Upload:
+    role: str  # the multipart part name
+    filename: str
+    data: bytes
+
+
+def safe_filename(name: str | None, default: str) -> str:
+    """A file name that is safe anywhere: no directories, no odd characters, bounded length."""
+    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    base = SAFE_NAME.sub("_", base).strip("._")[:100]
+    return base or default
+
+
+def parse_spec(text: str) -> JobCreate:
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"spec: not valid JSON: {exc}", field="spec") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("spec: must be a JSON object.", field="spec")
+    try:
+        return JobCreate.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        field = f"spec.{loc}" if loc else "spec"
+        message = "; ".join(f"spec{'.' if e['loc'] else ''}{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        raise InvalidInput(message, field=field) from None
+
+
+def check_submission(spec: JobCreate, uploads: dict[str, Upload], settings: Settings) -> None:
+    """Everything a job needs, checked before anything is stored; raises a 422 naming the field."""
+    allowed = settings.allowed_modules
+    model_file, weights = uploads.get("model_file"), uploads.get("weights_file")
+    calibration_file, eval_file = uploads.get("calibration_file"), uploads.get("eval_file")
+
+    if (model_file is None) == (spec.model is None):
+        raise InvalidInput("give exactly one model: a `model_file` upload (torch.export archive) or `spec.model` "
+                           "(factory reference).", field="model_file" if model_file else "spec.model")
+    if weights is not None and spec.model is None:
+        raise InvalidInput("weights_file needs a factory reference in `spec.model` to load into.", field="weights_file")
+    if (calibration_file is None) == (spec.calibration is None):
+        raise InvalidInput("give exactly one calibration source: a `calibration_file` upload or `spec.calibration` "
+                           "(reference).", field="calibration_file" if calibration_file else "spec.calibration")
+    if eval_file is not None and spec.evaluator is None:
+        raise InvalidInput("eval_file is the data of a built-in evaluator: set `spec.evaluator` ('top1' | 'agreement').",
+                           field="eval_file")
+    if spec.evaluator == "top1" and eval_file is None:
+        raise InvalidInput("the top1 evaluator needs an `eval_file` with inputs and 'label'.", field="eval_file")
+
+    for field in ("model", "calibration", "evaluate"):
+        reference = getattr(spec, field)
+        if reference is not None:
+            resolve(reference, allowed, field=f"spec.{field}")
+    if spec.space is not None:
+        try:
+            SearchSpace.from_dict(spec.space)
+        except tuner.InvalidArgumentError as exc:
+            raise InvalidInput(f"spec.space: {exc}", field="spec.space") from None
+
+    if weights is not None:
+        read_tensors(weights.data, field="weights_file")
+    if calibration_file is not None:
+        check_dataset(read_tensors(calibration_file.data, field="calibration_file"), field="calibration_file")
+    if eval_file is not None:
+        check_dataset(read_tensors(eval_file.data, field="eval_file"), field="eval_file", need_label=spec.evaluator == "top1")
+    if model_file is not None:
+        check_exported(model_file.data)
+
+
+def check_exported(data: bytes) -> None:
+    """A torch.export archive is a zip; load it for real (no pickle) to refuse broken files now."""
+    if sniff(data) != "zip":
+        raise InvalidInput("model_file: not a torch.export archive (expected a .pt2 zip file).", field="model_file")
+    import os
+    import tempfile
+
+    from tuner.exported import load_exported
+
+    with tempfile.TemporaryDirectory(prefix="quanttune-check-") as tmp:
+        path = os.path.join(tmp, "model.pt2")
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            load_exported(path)
+        except Exception as exc:  # corrupt, truncated, or not an exported program
+            raise InvalidInput(f"model_file: cannot load the torch.export archive: {type(exc).__name__}: "
+                               f"{str(exc)[:300]}", field="model_file") from None
+
+
+def create_job(session: Session, owner_id: int, spec: JobCreate, uploads: dict[str, Upload]) -> Job:
+    """Store the job, its uploads and its `parallelism` lease slots in one transaction."""
+    model_file = uploads.get("model_file")
+    job = Job(
+        owner_id=owner_id,
+        name=spec.name,
+        status="queued",
+        spec=spec.model_dump(mode="json"),
+        model_source=f"upload:{model_file.filename}" if model_file else (spec.model or ""),
+        calibration_source=(f"upload:{uploads['calibration_file'].filename}" if "calibration_file" in uploads
+                            else spec.calibration or ""),
+        evaluation_source=(spec.evaluate or f"builtin:{spec.evaluator}"),
+        parallelism=spec.parallelism,
+        trials=0,
+        evaluations=0,
+    )
+    for upload in uploads.values():
+        job.files.append(JobFile(kind="input", role=upload.role, filename=upload.filename, size=len(upload.data),
+                                 sha256=hashlib.sha256(upload.data).hexdigest(), data=upload.data))
+    for slot in range(spec.parallelism):
+        job.leases.append(Lease(slot=slot, worker_id=None, expires_at=None, claims=0))
+    session.add(job)
+    session.commit()
+    return job
+
+
+def get_owned(session: Session, owner_id: int, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.owner_id != owner_id:
+        raise NotFound(f"job {job_id} not found.")
+    return job
+
+
+def list_jobs(session: Session, owner_id: int, status: str | None, offset: int, limit: int) -> tuple[list[Job], int]:
+    where = [Job.owner_id == owner_id] + ([Job.status == status] if status else [])
+    count = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+    jobs = list(session.scalars(select(Job).where(*where).order_by(Job.id.desc()).offset(offset).limit(limit)))
+    return jobs, count
+
+
+def cancel_job(session: Session, job: Job) -> Job:
+    if job.status in ("succeeded", "failed"):
+        raise Conflict(f"job {job.id} already {job.status}; only queued or running jobs can be cancelled.")
+    if job.status != "cancelled":
+        now = utcnow()
+        session.execute(update(Job).where(Job.id == job.id, Job.status.in_(("queued", "running")))
+                        .values(status="cancelled", finished_at=now, updated_at=now, reason="cancelled by the user"))
+        session.commit()
+        session.refresh(job)
+    return job
+
+
+def delete_job(session: Session, job: Job) -> None:
+    session.delete(job)
+    session.commit()
+
+
+def live_workers(session: Session, job_ids: list[int]) -> dict[int, int]:
+    if not job_ids:
+        return {}
+    rows = session.execute(select(Lease.job_id, func.count()).where(
+        Lease.job_id.in_(job_ids), Lease.worker_id.is_not(None), Lease.expires_at > epoch()).group_by(Lease.job_id))
+    return {job_id: n for job_id, n in rows}
+
+
+def artifact_names(session: Session, job_ids: list[int]) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {job_id: [] for job_id in job_ids}
+    if job_ids:
+        rows = session.execute(select(JobFile.job_id, JobFile.role).where(
+            JobFile.job_id.in_(job_ids), JobFile.kind == "artifact").order_by(JobFile.role))
+        for job_id, role in rows:
+            names[job_id].append(role)
+    return names
+
+
+def _utc(value: Any) -> Any:
+    return value.replace(tzinfo=timezone.utc) if value is not None else None
+
+
+def job_public(job: Job, workers: int = 0, artifacts: list[str] | None = None) -> JobPublic:
+    spec: dict[str, Any] = job.spec or {}
+    return JobPublic(
+        id=job.id, name=job.name, status=job.status,
+        created_at=_utc(job.created_at), started_at=_utc(job.started_at), finished_at=_utc(job.finished_at),
+        updated_at=_utc(job.updated_at),
+        model_source=job.model_source, calibration_source=job.calibration_source,
+        evaluation_source=job.evaluation_source,
+        max_drop=spec.get("max_drop", 0.01), relative=spec.get("relative", True),
+        higher_is_better=spec.get("higher_is_better", True), max_trials=spec.get("max_trials"),
+        timeout=spec.get("timeout"), space=spec.get("space"), parallelism=job.parallelism, seed=spec.get("seed", 0),
+        workers=workers if job.status not in FINISHED_STATUSES else 0,
+        progress=Progress(trials=job.trials, evaluations=job.evaluations, best_score=job.best_score,
+                          best_drop=job.best_drop, best_coverage=job.best_coverage, met=job.best_met),
+        baseline=job.baseline, score=job.score, drop=job.drop, coverage=job.coverage, met=job.met,
+        deployed_score=job.deployed_score, reason=job.reason, error=job.error, artifacts=artifacts or [],
+    )
+
+
+def jobs_public(session: Session, jobs: list[Job]) -> list[JobPublic]:
+    ids = [job.id for job in jobs]
+    workers, artifacts = live_workers(session, ids), artifact_names(session, ids)
+    return [job_public(job, workers.get(job.id, 0), artifacts.get(job.id, [])) for job in jobs]

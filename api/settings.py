@@ -1,0 +1,58 @@
+"""Service settings from the environment (prefix `QUANTTUNE_`), built by one factory.
+
+    QUANTTUNE_DB=postgresql+psycopg://user:pw@host/db   (default: SQLite file in the data dir)
+    QUANTTUNE_DATA_DIR=./quanttune-data
+    QUANTTUNE_ALLOWED_MODULES=tuner.examples,mycompany.models
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QUANTTUNE_", extra="ignore")
+
+    db: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/quanttune.db")
+    data_dir: Path = Path("quanttune-data")
+    allowed_modules: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["tuner.examples"])
+    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    lease_seconds: float = Field(30.0, gt=0, description="A claim not renewed for this long may be reclaimed.")
+    heartbeat_seconds: float | None = Field(None, gt=0, description="Lease renewal period; default lease_seconds / 3.")
+    poll_seconds: float = Field(1.0, gt=0, description="How often an idle worker looks for a job.")
+
+    @field_validator("allowed_modules", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("db", mode="before")
+    @classmethod
+    def _normalise_db(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.startswith("postgresql://"):
+            return "postgresql+psycopg://" + value[len("postgresql://"):]  # psycopg 3, not psycopg2
+        if isinstance(value, str) and value.startswith("postgres://"):
+            return "postgresql+psycopg://" + value[len("postgres://"):]
+        return value
+
+    @property
+    def db_url(self) -> str:
+        if self.db:
+            return self.db
+        return f"sqlite:///{(self.data_dir / 'quanttune.db').resolve()}"
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.heartbeat_seconds or self.lease_seconds / 3
+
+
+def get_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, with explicit overrides (e.g. CLI options) on top;
+    `None` overrides are ignored so that unset options fall back to the environment."""
+    return Settings(**{key: value for key, value in overrides.items() if value is not None})
