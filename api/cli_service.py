@@ -1,0 +1,130 @@
+"""Service commands: `quanttune serve | worker | migrate | token create`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .cli import app
+
+DbOption = Annotated[str | None, typer.Option("--db", help="Database URL (env QUANTTUNE_DB); default: SQLite in the data dir.")]
+DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (env QUANTTUNE_DATA_DIR).")]
+
+token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+def _settings(db: str | None, data_dir: Path | None):  # noqa: ANN202
+    from .settings import get_settings
+
+    return get_settings(db=db, data_dir=data_dir)
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+@app.command()
+def migrate(db: DbOption = None, data_dir: DataDirOption = None) -> None:
+    """Create or upgrade the database schema (service tables and Optuna's storage)."""
+    from .migrate import migrate as run_migrate
+
+    settings = _settings(db, data_dir)
+    run_migrate(settings.db_url)
+    typer.echo(f"database ready: {_safe(settings.db_url)}")
+
+
+@token_app.command("create")
+def token_create(name: Annotated[str, typer.Option("--name", help="Who the token is for.")],
+                 db: DbOption = None, data_dir: DataDirOption = None) -> None:
+    """Create an API token and print it (only its hash is stored)."""
+    from .auth import create_token
+    from .db import make_engine, make_sessionmaker
+
+    settings = _settings(db, data_dir)
+    engine = make_engine(settings.db_url)
+    with make_sessionmaker(engine)() as session:
+        typer.echo(create_token(session, name))
+    engine.dispose()
+
+
+@app.command()
+def worker(db: DbOption = None, data_dir: DataDirOption = None) -> None:
+    """Run one worker: claims jobs from the database and tunes them (SIGTERM stops it cleanly)."""
+    from worker import run_worker
+
+    _logging()
+    run_worker(_settings(db, data_dir))
+
+
+@app.command()
+def serve(
+    db: DbOption = None,
+    data_dir: DataDirOption = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Worker processes to start beside the API.")] = 1,
+    migrate_db: Annotated[bool, typer.Option("--migrate/--no-migrate", help="Migrate the database first.")] = True,
+) -> None:
+    """Run the API plus N worker processes (the embedded default: SQLite under ./quanttune-data)."""
+    import uvicorn
+
+    from .app import create_app
+
+    _logging()
+    settings = _settings(db, data_dir)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if migrate_db:
+        from .migrate import migrate as run_migrate
+
+        run_migrate(settings.db_url)
+    _first_token(settings)
+    env = {**os.environ, "QUANTTUNE_DB": settings.db_url, "QUANTTUNE_DATA_DIR": str(settings.data_dir)}
+    children = [subprocess.Popen([sys.executable, "-m", "worker"], env=env) for _ in range(workers)]
+    typer.echo(f"quanttune API on http://{host}:{port}  ({workers} worker(s), database {_safe(settings.db_url)})")
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    finally:
+        _stop(children)
+
+
+def _first_token(settings) -> None:  # noqa: ANN001
+    """Embedded convenience: on a database without any token, create one and print it once."""
+    from sqlalchemy import func, select
+
+    from .auth import create_token
+    from .db import make_engine, make_sessionmaker
+    from .models import Token
+
+    engine = make_engine(settings.db_url)
+    with make_sessionmaker(engine)() as session:
+        if not session.scalar(select(func.count()).select_from(Token)):
+            typer.echo(f"no API token existed: created one named 'default': {create_token(session, 'default')}")
+    engine.dispose()
+
+
+def _stop(children: list[subprocess.Popen], grace: float = 20.0) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def _safe(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)

@@ -1,0 +1,207 @@
+"""Run one claimed job: turn its spec and uploads into (model, calibration, evaluate), call
+`tuner.tune` on the job's shared Optuna study, and report progress and the outcome."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+import tuner
+from api.references import resolve
+from api.settings import Settings
+from api.studies import study_name
+from api.tensorfiles import check_dataset, labels, read_tensors, to_batches
+
+from . import evaluators
+from .queue import Claim, Queue
+
+log = logging.getLogger("quanttune.worker")
+
+
+class JobInputError(tuner.QuanttuneError):
+    """The job's model, data or references could not be turned into what `tune` takes."""
+
+
+@dataclass
+class Inputs:
+    model: nn.Module
+    calibration: list[Any]
+    evaluate: Callable[[nn.Module], float]
+
+
+def build_inputs(spec: dict[str, Any], files: dict[str, tuple[str, bytes]], settings: Settings, workdir: Path) -> Inputs:
+    allowed = settings.allowed_modules
+    batch_size = int(spec.get("batch_size", 32))
+    try:
+        if "model_file" in files:
+            from tuner.exported import load_exported
+
+            path = workdir / "model.pt2"
+            path.write_bytes(files["model_file"][1])
+            model = load_exported(path)
+        else:
+            model = resolve(spec["model"], allowed, field="spec.model")()
+            if "weights_file" in files:
+                if not isinstance(model, nn.Module):
+                    raise JobInputError(f"spec.model {spec['model']!r} returned {type(model).__name__}, not an nn.Module")
+                model.load_state_dict(read_tensors(files["weights_file"][1], field="weights_file"))
+        if not isinstance(model, nn.Module):
+            raise JobInputError(f"the model is a {type(model).__name__}, not a torch nn.Module")
+        model.eval()
+
+        if "calibration_file" in files:
+            tensors = read_tensors(files["calibration_file"][1], field="calibration_file")
+            check_dataset(tensors, field="calibration_file")
+            calibration = to_batches(tensors, batch_size)
+        else:
+            calibration = list(resolve(spec["calibration"], allowed, field="spec.calibration")())
+
+        if spec.get("evaluate"):
+            evaluate = resolve(spec["evaluate"], allowed, field="spec.evaluate")
+        elif spec.get("evaluator") == "top1":
+            tensors = read_tensors(files["eval_file"][1], field="eval_file")
+            check_dataset(tensors, field="eval_file", need_label=True)
+            evaluate = evaluators.top1(to_batches(tensors, batch_size), labels(tensors, batch_size))
+        else:  # agreement with the FP32 model, on eval_file inputs or the calibration data
+            if "eval_file" in files:
+                tensors = read_tensors(files["eval_file"][1], field="eval_file")
+                check_dataset(tensors, field="eval_file")
+                batches = to_batches(tensors, batch_size)
+            else:
+                batches = calibration
+            evaluate = evaluators.agreement(copy.deepcopy(model), batches)
+    except tuner.QuanttuneError:
+        raise
+    except Exception as exc:  # the user's factory / data raised: the job fails with the reason
+        raise JobInputError(f"preparing the job failed: {type(exc).__name__}: {str(exc)[:500]}") from exc
+    return Inputs(model, calibration, evaluate)
+
+
+class JobRun:
+    """One worker's part of one job (a claimed slot)."""
+
+    def __init__(self, queue: Queue, claim: Claim, settings: Settings, shutdown: threading.Event) -> None:
+        self.queue, self.claim, self.settings, self.shutdown = queue, claim, settings, shutdown
+        self.lost = threading.Event()  # the lease was taken over, or the job deleted
+        self.ended = threading.Event()  # the job is no longer running (cancelled, finished elsewhere)
+        self._evaluations_seen = 0
+        self._baseline_known = False
+
+    # -- heartbeat -------------------------------------------------------------------------------
+    def heartbeat(self, done: threading.Event) -> None:
+        while not done.wait(self.settings.heartbeat_interval):
+            try:
+                if not self.queue.renew(self.claim):
+                    log.warning("job %s: lease of slot %s lost", self.claim.job_id, self.claim.slot)
+                    self.lost.set()
+                    return
+                if self.queue.status(self.claim.job_id) != "running":
+                    self.ended.set()
+            except Exception:  # a database hiccup: try again next beat (the lease has slack)
+                log.exception("job %s: heartbeat failed", self.claim.job_id)
+
+    def should_stop(self) -> bool:
+        if self.shutdown.is_set() or self.lost.is_set() or self.ended.is_set():
+            return True
+        try:
+            if self.queue.status(self.claim.job_id) != "running":
+                self.ended.set()
+        except Exception:
+            log.exception("job %s: status check failed", self.claim.job_id)
+        return self.ended.is_set()
+
+    # -- progress --------------------------------------------------------------------------------
+    def on_trial(self, info: dict[str, Any]) -> None:
+        evaluations = int(info.get("evaluations") or 0)
+        delta, self._evaluations_seen = evaluations - self._evaluations_seen, evaluations
+        values: dict[str, Any] = {"best_score": info.get("best_score"), "best_drop": info.get("best_drop"),
+                                  "best_coverage": info.get("best_coverage"), "best_met": bool(info.get("met"))}
+        if delta:
+            from api.models import Job
+
+            values["evaluations"] = Job.evaluations + delta
+        if not self._baseline_known:
+            baseline = self._study_baseline()
+            if baseline is not None:
+                values["baseline"], self._baseline_known = baseline, True
+        try:
+            if not self.queue.progress(self.claim, values, add_trials=1):
+                self.ended.set()
+        except Exception:
+            log.exception("job %s: progress update failed", self.claim.job_id)
+
+    def _study_baseline(self) -> float | None:
+        import optuna
+
+        try:
+            study = optuna.load_study(study_name=study_name(self.claim.job_id), storage=self.settings.db_url)
+            return study.user_attrs.get("baseline")
+        except Exception:
+            return None
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self) -> str:
+        """Work on the job until the search ends, the job ends elsewhere, or shutdown. Returns
+        what happened: 'succeeded', 'failed', 'released' or 'lost'."""
+        job = self.queue.job(self.claim.job_id)
+        if job is None:
+            return "lost"
+        done = threading.Event()
+        beat = threading.Thread(target=self.heartbeat, args=(done,), daemon=True, name=f"heartbeat-{job.id}")
+        beat.start()
+        workdir = Path(tempfile.mkdtemp(prefix=f"job-{job.id}-", dir=self._work_root()))
+        try:
+            return self._run(job.spec, workdir)
+        finally:
+            done.set()
+            beat.join()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def _work_root(self) -> str:
+        root = Path(self.settings.data_dir) / "work"
+        root.mkdir(parents=True, exist_ok=True)
+        return str(root)
+
+    def _run(self, spec: dict[str, Any], workdir: Path) -> str:
+        job_id = self.claim.job_id
+        try:
+            inputs = build_inputs(spec, self.queue.inputs(job_id), self.settings, workdir)
+            result = tuner.tune(
+                inputs.model, inputs.calibration, inputs.evaluate,
+                max_drop=spec["max_drop"], relative=spec["relative"], higher_is_better=spec["higher_is_better"],
+                max_trials=spec.get("max_trials"), timeout=spec.get("timeout"), storage=self.settings.db_url,
+                study_name=study_name(job_id), seed=spec.get("seed", 0), space=spec.get("space"), verbose=True,
+                should_stop=self.should_stop, on_trial=self.on_trial,
+            )
+        except Exception as exc:
+            if self.lost.is_set() or self.ended.is_set() or self.shutdown.is_set():
+                log.info("job %s: stopped (%s: %s)", job_id, type(exc).__name__, exc)
+                self.queue.release(self.claim)
+                return "released"
+            message = str(exc) if isinstance(exc, tuner.QuanttuneError) else f"{type(exc).__name__}: {exc}"
+            log.exception("job %s failed", job_id)
+            return "failed" if self.queue.finish(self.claim, "failed", {"error": message[:4000]}) else "lost"
+        if result.stopped or self.lost.is_set() or self.ended.is_set():
+            self.queue.release(self.claim)
+            return "released"
+        artifacts = {name: Path(path).read_bytes() for name, path in result.save(workdir / "out").items()}
+        extra = result.evaluations - self._evaluations_seen  # e.g. the deployed (ONNX Runtime) check
+        from api.models import Job
+
+        values = {
+            "baseline": result.baseline, "score": result.score, "drop": result.drop,
+            "coverage": result.coverage.get("macs"), "met": result.met, "deployed_score": result.deployed_score,
+            "reason": result.reason, "best_score": result.score, "best_drop": result.drop,
+            "best_coverage": result.coverage.get("macs"), "best_met": result.met,
+            "evaluations": Job.evaluations + extra,
+        }
+        return "succeeded" if self.queue.finish(self.claim, "succeeded", values, artifacts) else "lost"
