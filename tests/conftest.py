@@ -1,0 +1,213 @@
+"""Shared fixtures: a real PostgreSQL server for the session, databases parametrized over SQLite
+and PostgreSQL, migrated databases, tokens, and free ports.
+
+PostgreSQL: Debian's binaries (`/usr/lib/postgresql/*/bin`), which refuse to run as root, so
+`initdb`/`pg_ctl` run through `runuser -u postgres` in a temporary directory, on a free port
+other than 5432. Tests needing it are skipped, with the reason, only when the binaries are missing.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port != 5432:
+            return port
+
+
+@dataclass
+class PostgresServer:
+    port: int
+    bindir: Path
+    datadir: Path
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def admin(self, sql: str) -> None:
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as conn:
+            conn.execute(sql)
+
+    def create_database(self, template: str | None = None) -> str:
+        name = f"qt_{uuid.uuid4().hex[:12]}"
+        self.admin(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+        return name
+
+    def drop_database(self, name: str) -> None:
+        self.admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _postgres_bindir() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    bindir = _postgres_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL binaries not found (/usr/lib/postgresql/*/bin/initdb): "
+                    "install Debian's postgresql (scripts/test.sh does it as root)")
+    base = Path(tempfile.mkdtemp(prefix="quanttune-pg-"))
+    as_postgres: list[str] = []
+    if os.getuid() == 0:  # initdb and pg_ctl refuse root
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(base, "postgres", "postgres")
+    base.chmod(0o755)
+    datadir, port = base / "data", free_port()
+
+    def run(*args: str) -> None:
+        done = subprocess.run([*as_postgres, *args], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed: {done.stdout}\n{done.stderr}\n"
+                               f"{(base / 'log').read_text() if (base / 'log').exists() else ''}")
+
+    run(str(bindir / "initdb"), "-D", str(datadir), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off " \
+              "-c full_page_writes=off -c max_connections=300"
+    run(str(bindir / "pg_ctl"), "-D", str(datadir), "-l", str(base / "log"), "-o", options, "-w", "-t", "60", "start")
+    try:
+        yield PostgresServer(port, bindir, datadir)
+    finally:
+        subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(datadir), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database."""
+    name = postgres_server.create_database()
+    yield postgres_server.url(name)
+    postgres_server.drop_database(name)
+
+
+BACKENDS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database, once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'quanttune.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture(scope="session")
+def _migrated_templates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Migrated once per session, copied per test (migrating takes ~1 s)."""
+    return {}
+
+
+@pytest.fixture(params=BACKENDS)
+def migrated_db(request: pytest.FixtureRequest, tmp_path: Path, _migrated_templates: dict[str, str],
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A database with the full schema (service tables and Optuna's), on SQLite and PostgreSQL."""
+    from api.migrate import migrate
+
+    if request.param == "sqlite":
+        if "sqlite" not in _migrated_templates:
+            template = tmp_path_factory.mktemp("template") / "quanttune.db"
+            migrate(f"sqlite:///{template}")
+            _migrated_templates["sqlite"] = str(template)
+        target = tmp_path / "quanttune.db"
+        shutil.copy(_migrated_templates["sqlite"], target)
+        yield f"sqlite:///{target}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    if "postgresql" not in _migrated_templates:
+        template = server.create_database()
+        migrate(server.url(template))
+        _migrated_templates["postgresql"] = template
+    name = server.create_database(template=_migrated_templates["postgresql"])
+    yield server.url(name)
+    server.drop_database(name)
+
+
+def _make_token(url: str, name: str = "tests") -> str:
+    from api.auth import create_token
+    from api.db import make_engine, make_sessionmaker
+
+    engine = make_engine(url)
+    with make_sessionmaker(engine)() as session:
+        token = create_token(session, name)
+    engine.dispose()
+    return token
+
+
+@pytest.fixture
+def user_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory on sys.path (and PYTHONPATH for child processes) with `qt_usercode`, a package
+    of user code for references: a slow evaluation and evaluations that fail."""
+    root = tmp_path / "usercode"
+    package = root / "qt_usercode"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "evals.py").write_text(textwrap.dedent('''
+        import os, time
+        from tuner.examples import digits
+
+        def slow(model):
+            time.sleep(float(os.environ.get("QT_TEST_EVAL_SLEEP", "0.5")))
+            return digits.evaluate(model)
+
+        def broken(model):
+            raise RuntimeError("the evaluation data set is missing")
+
+        def not_a_number(model):
+            return "high"
+    '''))
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    yield root
+    for name in [m for m in sys.modules if m == "qt_usercode" or m.startswith("qt_usercode.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def make_token():  # noqa: ANN201
+    """`make_token(db_url, name)` -> a new API token stored in that database."""
+    return _make_token
+
+
+@pytest.fixture
+def wait_until():  # noqa: ANN201
+    """`wait_until(predicate, timeout, message=...)` -> the predicate's first truthy value."""
+    return _wait_until
+
+
+def _wait_until(predicate, timeout: float, interval: float = 0.2, message: str = "condition"):  # noqa: ANN001, ANN201
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
