@@ -1,6 +1,7 @@
 """quanttune's tuner: the pure library (no HTTP, no job tables).
 
-    from tuner import calibrate, apply_plan, Plan, LayerConfig, layer_report
+    from tuner import tune                      # the search
+    from tuner import calibrate, apply_plan, Plan, LayerConfig, layer_report   # the core
 """
 
 from .calibrate import Calibration, calibrate, quantizable_layers
@@ -14,6 +15,9 @@ from .errors import (
 from .histogram import METHODS, TensorStats
 from .plan import FP32, LayerConfig, Plan
 from .qmodules import QuantizedLayer, apply_plan
+from .report import LayerReport, layer_report
+from .space import SearchSpace
+from .tune import TuneResult, tune
 
 __all__ = [
     "FP32",
@@ -24,11 +28,16 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidPlanError",
     "LayerConfig",
+    "LayerReport",
     "Plan",
     "QuantizedLayer",
     "QuanttuneError",
+    "SearchSpace",
     "TensorStats",
+    "TuneResult",
     "apply_plan",
     "calibrate",
+    "layer_report",
     "quantizable_layers",
+    "tune",
 ]

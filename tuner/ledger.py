@@ -1,0 +1,73 @@
+"""The per-layer ledger: for each layer, its decision, its measured error under each setting, and
+the trials that showed whether it can be INT8 — the answer to "why did this layer fall back?"."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from .plan import Plan
+from .report import LayerReport
+from .study import Budget, Outcome
+
+
+def build_ledger(
+    report: LayerReport,
+    best: Plan,
+    ranking: Sequence[str],
+    outcomes: Sequence[Outcome],
+    plans: dict[str, Plan],
+    budget: Budget,
+) -> dict[str, dict[str, Any]]:
+    evaluated = [o for o in sorted(outcomes, key=lambda o: o.number) if o.state == "COMPLETE" and not o.reused]
+    ledger = {}
+    for name, errors in report.layers.items():
+        config = best.config(name)
+        evidence = []
+        for o in evaluated:
+            plan = plans.get(o.plan_key)
+            if plan is None:
+                continue
+            state = "int8" if plan.config(name).int8 else "fp32"
+            evidence.append({"trial": o.number, "layer": state, "met": o.met, "drop": o.drop})
+        rank = ranking.index(name) + 1 if name in ranking else None
+        best_setting = errors.best()
+        ledger[name] = {
+            "decision": config.short(),
+            "sensitivity_rank": rank,
+            "best_setting": best_setting.setting(),
+            "best_sqnr_db": _finite(errors.sqnr[best_setting.setting()]),
+            "sqnr_db": {k: _finite(v) for k, v in errors.sqnr.items()},
+            "macs_share": errors.macs / (sum(e.macs for e in report.layers.values()) or 1),
+            "trials": evidence,
+            "reason": _reason(name, config.int8, config, errors.sqnr, rank, len(ranking), evidence, budget),
+        }
+    return ledger
+
+
+def _finite(x: float) -> float | None:
+    return round(x, 3) if math.isfinite(x) else None
+
+
+def _reason(name, int8, config, sqnr, rank, n, evidence, budget: Budget) -> str:
+    met_int8 = [e for e in evidence if e["layer"] == "int8" and e["met"]]
+    miss_int8 = [e for e in evidence if e["layer"] == "int8" and not e["met"]]
+    met_fp32 = [e for e in evidence if e["layer"] == "fp32" and e["met"]]
+    if int8:
+        label = config.setting()
+        why = f"INT8 with {label} (output SQNR {sqnr[label]:.1f} dB, best measured of {len(sqnr)} settings)"
+        if met_int8:
+            return f"{why}; trial {met_int8[0]['trial']} met the budget with it in INT8."
+        return f"{why}; no evaluated plan met the budget."
+    if rank is None:
+        return "FP32: excluded from INT8 by the search space (`exclude`)."
+    why = f"FP32: sensitivity rank {rank} of {n} by end-to-end output error (best INT8 layer SQNR {max(sqnr.values()):.1f} dB)"
+    if miss_int8 and met_fp32:
+        miss = miss_int8[-1]
+        return (f"{why}; trial {miss['trial']} with it INT8 missed the budget "
+                f"(drop {budget.format(miss['drop'])} > {budget.describe()}), "
+                f"trial {met_fp32[0]['trial']} with it FP32 met it.")
+    if miss_int8:
+        return f"{why}; every evaluated plan with it INT8 missed the budget."
+    return f"{why}; no evaluated plan had it INT8 and met the budget."

@@ -1,0 +1,302 @@
+"""Export a plan as a deployable INT8 ONNX model in QDQ form, with OUR quantization parameters.
+
+    export_onnx(model, plan, calibration, "model.onnx")
+
+Every INT8 layer of the plan becomes, in the graph:
+
+    x ──[Div by the SmoothQuant factors]── QuantizeLinear(s, z) ── DequantizeLinear(s, z) ──┐
+    weight (int8 initializer) ── DequantizeLinear(per-channel scales, axis) ──────────────── Conv / MatMul (+ Add bias)
+
+with the activation scale and zero point the calibration chose and the weight codes the
+simulation (`apply_plan`) computes with, so ONNX Runtime runs the numbers we measured. Nothing is
+re-calibrated. FP32 layers keep float weights and float inputs. A Linear layer is exported as
+MatMul on the transposed int8 weight (axis 1) plus Add, the form ONNX Runtime fuses into
+`MatMulIntegerToFloat`; a Conv whose output is quantized by the next INT8 layer (directly or through
+ReLU, max-pooling or reshapes) is fused into `QLinearConv`.
+
+The graph is produced by the torch.export-based exporter (`torch.onnx.export(dynamo=True)`);
+two custom ops carry the quantization through tracing and are translated to
+QuantizeLinear/DequantizeLinear. The batch dimension (and any dimension that varies between
+calibration batches, e.g. sequence length) is dynamic. What `load_onnx` needs to call the file like
+the original model (input names, positional or keyword, output structure) is stored in the
+model's metadata under the key "quanttune".
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import pathlib
+import warnings
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .batches import batch_size, call_model
+from .calibrate import Calibration
+from .errors import InvalidArgumentError, InvalidPlanError, QuanttuneError
+from .onnx_graph import annotate_layers, propagate_quantization, strip_exporter_metadata
+from .onnx_io import InputSpec, flatten_output
+from .plan import Plan
+from .qmodules import QuantizedLayer, apply_plan
+from .quant import quantize
+
+METADATA_KEY = "quanttune"
+FORMAT_VERSION = 1
+_TWO_GB = 2**31
+
+
+class ExportError(QuanttuneError):
+    """The model could not be exported to ONNX (the message says which step failed and why)."""
+
+
+# -- the two ops that carry quantization through torch.export --------------------------------
+
+_OPS: dict[str, Any] = {}
+
+
+def _ops() -> dict[str, Any]:
+    """Register (once) `quanttune::quantize_dequantize` and `quanttune::dequantize_weight`."""
+    if _OPS:
+        return _OPS
+
+    @torch.library.custom_op("quanttune::quantize_dequantize", mutates_args=())
+    def quantize_dequantize(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+        s = torch.tensor(scale, dtype=torch.float32)
+        z = torch.tensor(zero_point, dtype=torch.int32)
+        return torch.fake_quantize_per_tensor_affine(x.float(), s, z, qmin, qmax).to(x.dtype)
+
+    @quantize_dequantize.register_fake
+    def _(x, scale, zero_point, qmin, qmax):
+        return torch.empty_like(x)
+
+    @torch.library.custom_op("quanttune::dequantize_weight", mutates_args=())
+    def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+        if scale.dim():
+            shape = [1] * codes.dim()
+            shape[axis] = -1
+            scale = scale.reshape(shape)
+        return codes.float() * scale
+
+    @dequantize_weight.register_fake
+    def _(codes, scale, axis):
+        return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+
+    _OPS.update(qdq=quantize_dequantize, dq=dequantize_weight)
+    return _OPS
+
+
+def _translations() -> dict[Any, Any]:
+    """ONNX translations of the two custom ops (onnxscript functions, traced at export)."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    _ops()
+
+    def quantize_dequantize(x, scale: float, zero_point: int, qmin: int, qmax: int):
+        dtype = ir.DataType.INT8 if qmin < 0 else ir.DataType.UINT8
+        s = op.Constant(value=ir.tensor(scale, dtype=ir.DataType.FLOAT))
+        z = op.Constant(value=ir.tensor(zero_point, dtype=dtype))
+        q = op.QuantizeLinear(x, s, z)
+        full = (-128, 127) if qmin < 0 else (0, 255)
+        if (qmin, qmax) != full:  # symmetric INT8 uses [-127, 127]; QuantizeLinear saturates at -128
+            q = op.Clip(q, op.Constant(value=ir.tensor(qmin, dtype=dtype)), op.Constant(value=ir.tensor(qmax, dtype=dtype)))
+        return op.DequantizeLinear(q, s, z)
+
+    def dequantize_weight(codes, scale, axis: int):
+        return op.DequantizeLinear(codes, scale, axis=axis)
+
+    ops = torch.ops.quanttune
+    return {ops.quantize_dequantize.default: quantize_dequantize, ops.dequantize_weight.default: dequantize_weight}
+
+
+# -- the export form of a quantized layer ----------------------------------------------------
+
+
+class _ExportLayer(nn.Module):
+    """A `QuantizedLayer` as the graph should hold it: int8 weight codes plus the quantization
+    ops, computing the same numbers as the simulation."""
+
+    def __init__(self, q: QuantizedLayer, name: str):
+        super().__init__()
+        layer, wqp, act = q.layer, q.weight_qparams, q.act_qparams
+        if wqp.group_size is not None:
+            raise InvalidPlanError(f"layer {name!r}: per-group weights cannot be exported to ONNX QDQ (opset < 21).")
+        codes = quantize(layer.weight.detach(), wqp).to(torch.int8)
+        self.linear = isinstance(layer, nn.Linear)
+        self.axis = 0
+        if self.linear:  # MatMul(x, W^T): the form ONNX Runtime fuses into MatMulIntegerToFloat
+            codes, self.axis = codes.t().contiguous(), 1
+        self.register_buffer("weight", codes)
+        self.register_buffer("weight_scale", wqp.scale.detach().float().clone())
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+        if not self.linear:  # the convolution's hyperparameters, for the functional form
+            self.conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+            self.conv_fn = (F.conv1d, F.conv2d, F.conv3d)[layer.weight.dim() - 3]
+            self.pad = None if layer.padding_mode == "zeros" else (layer._reversed_padding_repeated_twice, layer.padding_mode)
+        self.scale = float(act.scale)
+        self.zero_point = int(act.zero_point)
+        self.qmin, self.qmax = act.qmin, act.qmax
+        divisor = q.input_divisor
+        self.register_buffer("input_divisor", None if divisor is None else divisor.detach().clone())
+        self.channel_axis = q.channel_axis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = _ops()
+        if self.input_divisor is not None:  # SmoothQuant: exactly the simulation's x / s
+            shape = [1] * x.dim()
+            shape[self.channel_axis] = -1
+            x = x / self.input_divisor.reshape(shape)
+        x = ops["qdq"](x, self.scale, self.zero_point, self.qmin, self.qmax)
+        w = ops["dq"](self.weight, self.weight_scale, self.axis)
+        if self.linear:
+            y = torch.matmul(x, w)
+            return y if self.bias is None else y + self.bias
+        conv = self.conv
+        if self.pad is not None:  # as nn.Conv*d does for padding_mode != "zeros"
+            x = F.pad(x, self.pad[0], mode=self.pad[1])
+            conv = {**conv, "padding": 0}
+        return self.conv_fn(x, w, self.bias, **conv)
+
+
+class _Flat(nn.Module):
+    """The model with flat tensor inputs and a flat tuple of tensor outputs, for the exporter."""
+
+    def __init__(self, model: nn.Module, spec: InputSpec):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(flatten_output(call_model(self.model, self.spec.rebuild(tensors)))[0])
+
+
+def _export_model(model: nn.Module, plan: Plan, calibration: Calibration) -> tuple[nn.Module, nn.Module]:
+    """(simulated model, export model): the plan applied, then each QuantizedLayer in export form."""
+    simulated = apply_plan(model, plan, calibration)
+    exported = copy.deepcopy(simulated)
+    for name, module in list(exported.named_modules()):
+        if isinstance(module, QuantizedLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(exported.get_submodule(parent) if parent else exported, child, _ExportLayer(module, name))
+    return simulated, exported.eval()
+
+
+# -- inputs, dynamic dimensions --------------------------------------------------------------
+
+
+def _example_tensors(spec: InputSpec, example: Any) -> list[torch.Tensor]:
+    tensors = spec.tensors_of(example)
+    for name, t in zip(spec.tensors, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise InvalidArgumentError(f"input {name!r} of the example batch must be a tensor, but got {type(t).__name__}.")
+    n = batch_size(example)
+    if n == 1:  # torch.export specialises size-1 dimensions: show it a batch of 2
+        tensors = [torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t for t in tensors]
+    return tensors
+
+
+def _dynamic_shapes(spec: InputSpec, tensors: list[torch.Tensor], batches: list[Any]) -> tuple:
+    """Per graph input, the dimensions to keep dynamic: the batch dimension, and every dimension
+    whose size differs between calibration batches (e.g. a padded sequence length)."""
+    n = tensors[0].shape[0] if tensors and tensors[0].dim() else None
+    dims = [{0} if t.dim() and t.shape[0] == n else set() for t in tensors]
+    for batch in batches:
+        try:
+            others = spec.tensors_of(batch)
+        except (KeyError, TypeError, IndexError):
+            continue
+        for i, (t, other) in enumerate(zip(tensors, others)):
+            if isinstance(other, torch.Tensor) and other.dim() == t.dim():
+                dims[i] |= {d for d in range(t.dim()) if other.shape[d] != t.shape[d]}
+    auto = torch.export.Dim.AUTO
+    return (tuple({d: auto for d in sorted(ds)} for ds in dims),)
+
+
+@contextmanager
+def _quiet():
+    """The exporter is chatty (progress lines, deprecation and registration warnings)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+# -- the public verb -------------------------------------------------------------------------
+
+
+def export_onnx(
+    model: nn.Module, plan: Plan, calibration: Calibration, path: str | pathlib.Path, *, example: Any = None
+) -> pathlib.Path:
+    """Write `plan` applied to `model` as an ONNX QDQ model to `path` and return the path.
+
+    `calibration` (from `tuner.calibrate`) supplies the quantization parameters; `example` is one
+    batch shaped like the model's inputs (a tensor, a tuple of positional inputs or a dict of
+    keyword inputs; default: the first calibration batch). The caller's model is not modified.
+    """
+    import onnx
+
+    path = pathlib.Path(path)
+    if not isinstance(plan, Plan):
+        raise InvalidArgumentError(f"`plan` must be a tuner.Plan, but got {type(plan).__name__}.")
+    if not isinstance(calibration, Calibration):
+        raise InvalidArgumentError(f"`calibration` must be a tuner.Calibration, but got {type(calibration).__name__}.")
+    example = calibration.batches[0] if example is None else example
+    simulated, exported = _export_model(model, plan, calibration)
+    spec = InputSpec.from_batch(model, example)
+    tensors = _example_tensors(spec, example)
+    with torch.no_grad():
+        outputs, tree = flatten_output(call_model(simulated, spec.rebuild(tensors)))
+    if not outputs:
+        raise ExportError(f"{type(model).__name__} returned no tensor on the example batch: nothing to export.")
+
+    flat = _Flat(exported, spec).eval()
+    int8 = plan.int8_layers
+    try:
+        with _quiet(), torch.no_grad():
+            program = torch.onnx.export(
+                flat,
+                tuple(tensors),
+                dynamo=True,
+                input_names=list(spec.tensors),
+                output_names=[f"output_{i}" for i in range(len(outputs))],
+                dynamic_shapes=_dynamic_shapes(spec, tensors, calibration.batches),
+                custom_translation_table=_translations() if int8 else None,
+                optimize=True,
+                verbose=False,
+            )
+    except Exception as exc:  # torch.export or the ONNX translation: say so, keep the cause
+        raise ExportError(f"torch.onnx.export failed on {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
+
+    proto = program.model_proto
+    strip_exporter_metadata(proto, prefix="model.")
+    layers = annotate_layers(proto, plan, calibration)
+    propagate_quantization(proto)
+    meta = {
+        "format": FORMAT_VERSION,
+        "inputs": spec.to_dict(),
+        "outputs": tree,
+        "output_names": [o.name for o in proto.graph.output],
+        "plan": plan.to_dict(),
+        "layers": layers,
+    }
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(meta)
+    proto.producer_name = "quanttune"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if proto.ByteSize() >= _TWO_GB:
+        onnx.save_model(proto, str(path), save_as_external_data=True, location=path.name + ".data")
+    else:
+        onnx.save_model(proto, str(path))
+    return path

@@ -1,0 +1,134 @@
+"""Post-processing of the exported ONNX graph with the `onnx` package: tidy names, find and check
+every layer's quantization nodes, and place activation quantization where ONNX Runtime can fuse it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import onnx
+from onnx import numpy_helper
+
+from .calibrate import Calibration
+from .errors import QuanttuneError
+from .plan import Plan
+
+
+class GraphError(QuanttuneError):
+    """The exported graph does not have the structure the plan asks for."""
+
+
+class _Index:
+    """Producer and consumers of every tensor name in a graph."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in graph.node:
+            for name in node.output:
+                self.producer[name] = node
+            for name in node.input:
+                self.consumers[name].append(node)
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.outputs = {o.name for o in graph.output}
+
+
+def _rename_tensors(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    if not renames:
+        return
+    for node in graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    for collection in (graph.initializer, graph.input, graph.output, graph.value_info):
+        for item in collection:
+            item.name = renames.get(item.name, item.name)
+
+
+def strip_exporter_metadata(proto: onnx.ModelProto, prefix: str = "") -> None:
+    """Drop the exporter's per-node debugging metadata (stack traces, FX nodes: large, and they
+    leak local paths) and strip `prefix` from initializer names, so that they read like the
+    model's parameters (`conv1.weight`)."""
+    graph = proto.graph
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for collection in (graph.input, graph.output, graph.value_info, graph.initializer):
+        for item in collection:
+            del item.metadata_props[:]
+    if prefix:
+        taken = {init.name for init in graph.initializer}
+        renames = {}
+        for init in graph.initializer:
+            new = init.name[len(prefix):]
+            if init.name.startswith(prefix) and new not in taken:
+                renames[init.name] = new
+        _rename_tensors(graph, renames)
+
+
+def _only(nodes: list[onnx.NodeProto], op_type: str) -> onnx.NodeProto | None:
+    matches = [n for n in nodes if n.op_type == op_type]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _scalar(index: _Index, name: str) -> float | int | None:
+    """The value of a scalar initializer or Constant."""
+    if name in index.initializers:
+        value = numpy_helper.to_array(index.initializers[name])
+    elif name in index.producer and index.producer[name].op_type == "Constant":
+        value = numpy_helper.to_array(index.producer[name].attribute[0].t)
+    else:
+        return None
+    return value.item() if value.ndim == 0 else None
+
+
+def annotate_layers(proto: onnx.ModelProto, plan: Plan, calibration: Calibration) -> dict[str, dict[str, Any]]:
+    """Find, check and name every plan layer's nodes; return what the metadata records per layer.
+
+    An INT8 layer must read an int8 weight initializer `<layer>.weight` through DequantizeLinear
+    and its input through QuantizeLinear -> DequantizeLinear; an FP32 layer must keep a float
+    weight. Raises `GraphError` otherwise (that would be an exporter change, not a user error).
+    """
+    graph = proto.graph
+    index = _Index(graph)
+    layers: dict[str, dict[str, Any]] = {}
+    for name in calibration.layers:
+        config = plan.config(name)
+        weight = index.initializers.get(f"{name}.weight")
+        if not config.int8:
+            if weight is not None and weight.data_type != onnx.TensorProto.FLOAT:
+                raise GraphError(f"FP32 layer {name!r} has a {onnx.TensorProto.DataType.Name(weight.data_type)} weight.")
+            layers[name] = {"precision": "fp32"}
+            continue
+        if weight is None or weight.data_type != onnx.TensorProto.INT8:
+            raise GraphError(f"INT8 layer {name!r} has no int8 weight initializer {name + '.weight'!r} in the graph.")
+        weight_dq = _only(index.consumers[weight.name], "DequantizeLinear")
+        compute = [n for n in index.consumers[weight_dq.output[0]]] if weight_dq is not None else []
+        if weight_dq is None or len(compute) != 1 or compute[0].op_type not in ("Conv", "MatMul"):
+            raise GraphError(f"INT8 layer {name!r}: its weight does not reach one Conv/MatMul through DequantizeLinear.")
+        compute = compute[0]
+        input_dq = index.producer.get(compute.input[0])
+        codes_node = index.producer.get(input_dq.input[0]) if input_dq is not None else None
+        quantize = index.producer.get(codes_node.input[0]) if codes_node is not None and codes_node.op_type == "Clip" else codes_node
+        if input_dq is None or input_dq.op_type != "DequantizeLinear" or quantize is None or quantize.op_type != "QuantizeLinear":
+            raise GraphError(f"INT8 layer {name!r}: its input is not quantized by QuantizeLinear -> DequantizeLinear.")
+        for node, role in ((quantize, "input_quantize"), (codes_node, "input_clip"), (input_dq, "input_dequantize"),
+                           (weight_dq, "weight_dequantize"), (compute, compute.op_type)):
+            if not node.name.startswith(tuple(f"{n}/" for n in layers)):  # shared input QDQ keeps its first name
+                node.name = f"{name}/{role}"
+        axis = next((a.i for a in weight_dq.attribute if a.name == "axis"), 1)
+        layers[name] = {
+            "precision": "int8",
+            "op": compute.op_type,
+            "weight": weight.name,
+            "weight_axis": axis if len(weight_dq.input) > 1 and _scalar(index, weight_dq.input[1]) is None else None,
+            "input": quantize.input[0],
+            "input_codes": codes_node.output[0],
+            "input_scale": _scalar(index, quantize.input[1]),
+            "input_zero_point": _scalar(index, quantize.input[2]),
+        }
+    return layers
+
+
+def propagate_quantization(proto: onnx.ModelProto) -> None:
+    """(placeholder during experiments)"""

@@ -1,0 +1,209 @@
+"""The Optuna side of a search: the study, its stored trials, and evaluating one plan as a trial.
+
+Everything that must survive a crash or be shared between workers lives in the study's storage:
+the FP32 baseline (study user attr), and per trial its plan, score, drop, coverage and error
+(trial user attrs) with accuracy as a constraint (`trial.set_constraint`, feasible when <= 0).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from .plan import Plan
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+HEARTBEAT_S = 5
+GRACE_S = 30
+
+
+def open_study(storage: str | optuna.storages.BaseStorage | None, study_name: str | None, seed: int) -> optuna.Study:
+    if isinstance(storage, str):
+        storage = optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+    sampler = optuna.samplers.TPESampler(seed=seed)
+    return optuna.create_study(storage=storage, study_name=study_name, direction="maximize",
+                               sampler=sampler, load_if_exists=True)
+
+
+@dataclass
+class Budget:
+    """The accuracy budget: how a score compares with the baseline."""
+
+    max_drop: float
+    relative: bool
+    higher_is_better: bool
+
+    def drop(self, baseline: float, score: float) -> float:
+        loss = baseline - score if self.higher_is_better else score - baseline
+        return loss / abs(baseline) if self.relative else loss
+
+    def met(self, drop: float | None) -> bool:
+        return drop is not None and drop <= self.max_drop
+
+    def describe(self) -> str:
+        return f"{self.max_drop:.2%} relative" if self.relative else f"{self.max_drop:g} absolute"
+
+    def format(self, drop: float) -> str:
+        return f"{drop:.2%}" if self.relative else f"{drop:.4g}"
+
+
+@dataclass
+class Outcome:
+    """What one evaluated (or previously stored) plan gave."""
+
+    number: int
+    state: str  # "COMPLETE" | "FAIL" | "RUNNING"
+    plan_key: str
+    score: float | None
+    drop: float | None
+    coverage: float
+    met: bool
+    error: str | None
+    duration_s: float
+    overhead_s: float
+    reused: bool = False
+
+
+def stored_outcomes(study: optuna.Study, budget: Budget) -> dict[str, Outcome]:
+    """Finished trials by plan key (the latest complete one wins over failures)."""
+    found: dict[str, Outcome] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+        key = t.user_attrs.get("plan_key")
+        if key is None or t.user_attrs.get("duplicate_of") is not None:
+            continue
+        outcome = _outcome(t, budget)
+        if key not in found or (found[key].state != "COMPLETE" and outcome.state == "COMPLETE"):
+            found[key] = outcome
+    return found
+
+
+def _outcome(t: optuna.trial.FrozenTrial, budget: Budget) -> Outcome:
+    attrs = t.user_attrs
+    drop = attrs.get("drop")
+    return Outcome(t.number, t.state.name, attrs.get("plan_key", ""), attrs.get("score"), drop,
+                   attrs.get("coverage", 0.0), t.state == TrialState.COMPLETE and budget.met(drop),
+                   attrs.get("error"), attrs.get("duration_s", 0.0), attrs.get("overhead_s", 0.0), reused=True)
+
+
+def running_elsewhere(study: optuna.Study, plan_key: str) -> bool:
+    storage = study._storage
+    if isinstance(storage, optuna.storages.RDBStorage) and storage.is_heartbeat_enabled():
+        with warnings.catch_warnings():  # experimental in Optuna, and stable enough for us
+            warnings.simplefilter("ignore")
+            optuna.storages.fail_stale_trials(study)  # a worker that died mid-trial leaves it RUNNING
+    return any(t.user_attrs.get("plan_key") == plan_key
+               for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+class _Heartbeat:
+    """Keeps a trial alive in RDB storage while `evaluate` runs, so other workers can tell a
+    slow trial from a dead one."""
+
+    def __init__(self, study: optuna.Study, trial_id: int):
+        self.storage = study._storage
+        self.trial_id = trial_id
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> _Heartbeat:
+        if isinstance(self.storage, optuna.storages.RDBStorage) and self.storage.is_heartbeat_enabled():
+            self.storage.record_heartbeat(self.trial_id)
+            self.thread = threading.Thread(target=self._beat, daemon=True)
+            self.thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self.stop.wait(HEARTBEAT_S):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception:  # a transient database error must not kill the trial
+                pass
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
+def run_trial(
+    study: optuna.Study,
+    suggest: Callable[[optuna.Trial], dict[str, Any]],
+    make_plan: Callable[[dict[str, Any]], tuple[Plan, float]],
+    build: Callable[[Plan], Any],
+    evaluate: Callable[[Any], float],
+    baseline: float,
+    budget: Budget,
+    known: dict[str, Outcome],
+    propose: dict[str, Any] | None = None,
+    beat_coverage: float | None = None,
+) -> Outcome | None:
+    """Run one Optuna trial. `propose` enqueues our own point first; the trial evaluates whatever
+    point it gets (with several workers, another worker's proposal is as good as ours). A plan
+    already evaluated is not evaluated again: its result is copied into the trial. A plan with no
+    more INT8 coverage than `beat_coverage` (the best met plan) cannot be better: it is pruned
+    without evaluation and None is returned."""
+    start = time.perf_counter()
+    if propose is not None:
+        study.enqueue_trial(propose, skip_if_exists=False)
+    trial = study.ask()
+    plan, coverage = make_plan(suggest(trial))
+    key = plan.key()
+    for name, value in (("plan", plan.to_dict()), ("plan_key", key), ("summary", plan.summary()),
+                        ("coverage", coverage), ("fp32_layers", plan.fp32_layers)):
+        trial.set_user_attr(name, value)
+    if beat_coverage is not None and coverage <= beat_coverage:
+        trial.set_user_attr("pruned", f"INT8 MAC share {coverage:.1%} cannot beat the best met plan's {beat_coverage:.1%}")
+        study.tell(trial, state=TrialState.PRUNED)
+        return None
+    previous = known.get(key)
+    if previous is not None and previous.state == "COMPLETE":
+        trial.set_user_attr("duplicate_of", previous.number)
+        trial.set_user_attr("score", previous.score)
+        trial.set_user_attr("drop", previous.drop)
+        trial.set_constraint("accuracy", previous.drop - budget.max_drop)
+        study.tell(trial, coverage)
+        return Outcome(trial.number, "COMPLETE", key, previous.score, previous.drop, coverage, previous.met,
+                       None, 0.0, 0.0, reused=True)
+    score = drop = error = None
+    eval_s = 0.0
+    with _Heartbeat(study, trial._trial_id):
+        try:
+            candidate = build(plan)
+            eval_start = time.perf_counter()
+            try:
+                score = float(evaluate(candidate))
+            finally:
+                eval_s = time.perf_counter() - eval_start
+            if not math.isfinite(score):
+                raise ValueError(f"evaluate returned {score}, not a finite number")
+            drop = budget.drop(baseline, score)
+        except Exception as exc:  # the user's evaluate failed on this plan: record it, go on
+            error = f"{type(exc).__name__}: {exc}"
+            trial.set_user_attr("traceback", traceback.format_exc(limit=5)[-2000:])
+    duration = time.perf_counter() - start
+    trial.set_user_attr("duration_s", round(duration, 4))
+    trial.set_user_attr("overhead_s", round(duration - eval_s, 4))
+    if error is not None:
+        trial.set_user_attr("error", error)
+        study.tell(trial, state=TrialState.FAIL)
+        outcome = Outcome(trial.number, "FAIL", key, None, None, coverage, False, error, duration, duration - eval_s)
+    else:
+        trial.set_user_attr("score", score)
+        trial.set_user_attr("drop", drop)
+        trial.set_constraint("accuracy", drop - budget.max_drop)
+        study.tell(trial, coverage)
+        outcome = Outcome(trial.number, "COMPLETE", key, score, drop, coverage, budget.met(drop), None, duration,
+                          duration - eval_s)
+    if key not in known or outcome.state == "COMPLETE":
+        known[key] = outcome
+    return outcome

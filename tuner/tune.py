@@ -1,0 +1,344 @@
+"""`tune`: find the most-INT8 plan that stays within the accuracy budget, in few evaluations.
+
+    from tuner import tune
+    result = tune(model, calibration, evaluate, max_drop=0.01)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from torch import nn
+
+from .calibrate import Calibration, calibrate
+from .errors import EvaluationError, InvalidArgumentError
+from .ledger import build_ledger
+from .plan import Plan
+from .qmodules import apply_plan
+from .report import LayerReport, layer_report
+from .search import SAMPLE, Strategy
+from .sensitivity import rank_layers
+from .space import SearchSpace, plan_for
+from .study import Budget, Outcome, open_study, run_trial, running_elsewhere, stored_outcomes
+
+
+MAX_PRUNED_IN_A_ROW = 25
+
+
+@dataclass
+class TuneResult:
+    met: bool
+    baseline: float
+    score: float | None
+    drop: float | None
+    plan: Plan
+    model: nn.Module
+    coverage: dict[str, float]
+    evaluations: int
+    trials: list[dict[str, Any]]
+    ledger: dict[str, dict[str, Any]]
+    reason: str
+    study_name: str
+    budget: dict[str, Any]
+    seconds: dict[str, float]
+    stopped: bool = False
+    deployed_score: float | None = None
+    deployed_drop: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    calibration: Calibration | None = field(default=None, repr=False)
+    original: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def int8_layers(self) -> list[str]:
+        return self.plan.int8_layers
+
+    @property
+    def fp32_layers(self) -> list[str]:
+        return self.plan.fp32_layers
+
+    def export_onnx(self, path: str | Path) -> Path:
+        """Write the chosen plan as an ONNX QDQ model that ONNX Runtime executes in INT8."""
+        from .onnx_export import export_onnx
+
+        return export_onnx(self.original, self.plan, self.calibration, path)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report: figures, plan, per-layer ledger and trials (JSON-serialisable)."""
+        return {
+            "met": self.met, "reason": self.reason, "baseline": self.baseline, "score": self.score,
+            "drop": self.drop, "deployed_score": self.deployed_score, "deployed_drop": self.deployed_drop,
+            "budget": self.budget, "coverage": self.coverage, "evaluations": self.evaluations,
+            "int8_layers": self.int8_layers, "fp32_layers": self.fp32_layers, "study_name": self.study_name,
+            "stopped": self.stopped, "seconds": self.seconds, "warnings": self.warnings,
+            "plan": self.plan.to_dict(), "ledger": self.ledger, "trials": self.trials,
+        }
+
+    def save(self, directory: str | Path) -> dict[str, Path]:
+        """Write `model.onnx`, `plan.json` and `report.json` into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = {"plan.json": directory / "plan.json", "report.json": directory / "report.json"}
+        paths["plan.json"].write_text(self.plan.to_json())
+        paths["report.json"].write_text(json.dumps(self.to_dict(), indent=2, default=_json_default))
+        paths["model.onnx"] = self.export_onnx(directory / "model.onnx")
+        return paths
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+def _check_args(max_drop: float, relative: bool, max_trials: int | None, timeout: float | None) -> None:
+    if not isinstance(max_drop, (int, float)) or not math.isfinite(max_drop) or max_drop < 0 or (relative and max_drop >= 1):
+        rule = "0 <= max_drop < 1" if relative else "0 <= max_drop"
+        raise InvalidArgumentError(f"`{rule}` must hold, but got {max_drop=}.")
+    if max_trials is not None and (not isinstance(max_trials, int) or max_trials < 1):
+        raise InvalidArgumentError(f"`max_trials >= 1` must hold, but got {max_trials=}.")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise InvalidArgumentError(f"`timeout > 0` (seconds) must hold, but got {timeout=}.")
+
+
+def _baseline(study: optuna.Study, model: nn.Module, evaluate: Callable[[Any], float]) -> tuple[float, int]:
+    """The FP32 score, evaluated once per study (kept in its storage)."""
+    if "baseline" in study.user_attrs:
+        return float(study.user_attrs["baseline"]), 0
+    try:
+        baseline = float(evaluate(model))
+    except Exception as exc:
+        raise EvaluationError(f"evaluating the FP32 baseline failed: {type(exc).__name__}: {exc}") from exc
+    if not math.isfinite(baseline):
+        raise EvaluationError(f"evaluating the FP32 baseline returned {baseline}, not a finite number.")
+    if baseline == 0:
+        warnings.warn("the FP32 baseline is 0: a relative budget allows no loss at all", stacklevel=3)
+    study.set_user_attr("baseline", baseline)
+    return baseline, 1
+
+
+def tune(
+    model: nn.Module,
+    calibration: Iterable[Any],
+    evaluate: Callable[[nn.Module], float],
+    *,
+    max_drop: float = 0.01,
+    relative: bool = True,
+    higher_is_better: bool = True,
+    max_trials: int | None = 50,
+    timeout: float | None = None,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+    seed: int = 0,
+    space: SearchSpace | Mapping[str, Any] | None = None,
+    verbose: bool = True,
+    verify: bool = True,
+    verify_tolerance: float = 0.002,
+    should_stop: Callable[[], bool] | None = None,
+    on_trial: Callable[[dict[str, Any]], None] | None = None,
+) -> TuneResult:
+    """Search quantization plans for `model` until the most-INT8 plan within the budget is found.
+
+    `calibration` is an iterable of batches (tensor, tuple of positional inputs, or dict of keyword
+    inputs); `evaluate(model) -> float` is the user's metric. The budget is `max_drop`, relative to
+    the FP32 baseline unless `relative=False`. Trials are kept in Optuna `storage` (in memory when
+    omitted): the same `storage` and `study_name` resume a study, and several processes may share
+    it. `should_stop()` is checked before each trial; `on_trial(info)` is called after each.
+    """
+    _check_args(max_drop, relative, max_trials, timeout)
+    space = SearchSpace.from_dict(space) if not isinstance(space, SearchSpace) else space
+    budget = Budget(float(max_drop), relative, higher_is_better)
+    log = print if verbose else (lambda *a, **k: None)
+    start = time.perf_counter()
+
+    study = open_study(storage, study_name, seed)
+    for key, value in (("max_drop", budget.max_drop), ("relative", relative), ("higher_is_better", higher_is_better)):
+        study.set_user_attr(key, value)
+    baseline, evaluations = _baseline(study, model, evaluate)
+    log(f"[quanttune] baseline {baseline:.6g} (budget: drop <= {budget.describe()})")
+
+    calib = calibrate(model, calibration)
+    unknown = sorted(set(space.exclude) - set(calib.layers))
+    if unknown:
+        raise InvalidArgumentError(f"space `exclude` names layers the model does not have: {unknown}.")
+    report = layer_report(model, calib, space.settings())
+    study.set_user_attr("layers", list(report.layers))
+    ranking: list[str] = []  # most sensitive first; measured only once a plan misses the budget
+
+    def ranked() -> list[str]:
+        if not ranking:
+            full = plan_for(space.point(0), space, report, [])
+            ranking.extend(rank_layers(model, calib, full))
+            log(f"[quanttune] ranked {len(ranking)} layers by end-to-end output error; most sensitive: "
+                f"{', '.join(ranking[:3])}")
+        return ranking
+
+    prep_s = time.perf_counter() - start
+    log(f"[quanttune] calibrated {len(calib.layers)} layers in {calib.seconds:.2f}s, "
+        f"error report in {report.seconds:.2f}s")
+
+    plans: dict[str, Plan] = {}
+
+    def make_plan(params: dict[str, Any]) -> tuple[Plan, float]:
+        plan = plan_for(params, space, report, ranked() if params.get("fallback") else [])
+        plans.setdefault(plan.key(), plan)
+        return plan, calib.coverage(plan)["macs"]
+
+    def build(plan: Plan) -> nn.Module:
+        return apply_plan(model, plan, calib, share_weights=True)
+
+    n_candidates = sum(1 for n in report.layers if n not in space.exclude)
+    strategy = Strategy(space, n_candidates, lambda p: make_plan(p)[0].key())
+    known = stored_outcomes(study, budget)
+    for outcome in known.values():  # plans of resumed trials, for the ledger
+        t = study.trials[outcome.number]
+        plans.setdefault(outcome.plan_key, Plan.from_dict(t.user_attrs["plan"]))
+    stopped = False
+    pruned_in_a_row = 0
+    while True:
+        if should_stop is not None and should_stop():
+            stopped = True
+            log("[quanttune] stopped on request")
+            break
+        if timeout is not None and time.perf_counter() - start > timeout:
+            log(f"[quanttune] timeout of {timeout:g}s reached")
+            break
+        if max_trials is not None and _evaluated(known) >= max_trials:
+            log(f"[quanttune] max_trials={max_trials} reached")
+            break
+        point = strategy.next_point(known)
+        if point is None:
+            break
+        propose = None if point == SAMPLE else point
+        if propose is not None and running_elsewhere(study, make_plan(propose)[0].key()):
+            time.sleep(0.5)  # another worker is evaluating it: wait for its result
+            known.update(stored_outcomes(study, budget))
+            continue
+        best = _best(known.values())
+        beat = best.coverage if propose is None and best is not None and best.met else None
+        outcome = run_trial(study, lambda trial: space.suggest(trial, n_candidates), make_plan, build, evaluate,
+                            baseline, budget, known, propose, beat)
+        if outcome is None:  # the sampler proposed a plan that cannot beat the best: no evaluation
+            pruned_in_a_row += 1
+            if pruned_in_a_row >= MAX_PRUNED_IN_A_ROW:
+                log("[quanttune] the sampler finds no plan that could beat the best: done")
+                break
+            continue
+        pruned_in_a_row = 0
+        evaluations += 0 if outcome.reused else 1
+        known.update({k: v for k, v in stored_outcomes(study, budget).items() if k not in known})
+        best = _best(known.values())
+        _progress(log, outcome, plans[outcome.plan_key], budget, best)
+        if on_trial is not None:
+            on_trial(_trial_info(outcome, plans[outcome.plan_key], evaluations, best))
+    search_s = time.perf_counter() - start - prep_s
+
+    best = _best(known.values())
+    if best is None:  # nothing evaluated successfully: the safest plan, all FP32, with the reason
+        plan = Plan.uniform(report.layers).fallback(report.layers)
+        score, drop, met = None, None, False
+        failures = [o.error for o in known.values() if o.error]
+        reason = ("no plan could be evaluated" + (f"; last error: {failures[-1]}" if failures else "")
+                  + ("; stopped on request" if stopped else ""))
+    else:
+        plan = plans[best.plan_key]
+        score, drop, met = best.score, best.drop, best.met
+        reason = _reason(best, plan, budget, stopped)
+    result = TuneResult(
+        met=met, baseline=baseline, score=score, drop=drop, plan=plan,
+        model=apply_plan(model, plan, calib), coverage=calib.coverage(plan), evaluations=evaluations,
+        trials=_trials(study), ledger=build_ledger(report, plan, ranking, list(known.values()), plans, budget),
+        reason=reason, study_name=study.study_name,
+        budget={"max_drop": budget.max_drop, "relative": relative, "higher_is_better": higher_is_better},
+        seconds={"prepare": round(prep_s, 3), "search": round(search_s, 3)}, stopped=stopped,
+        calibration=calib, original=model,
+    )
+    if verify and best is not None and not stopped:
+        _verify(result, evaluate, budget, report, verify_tolerance, log)
+    result.seconds["total"] = round(time.perf_counter() - start, 3)
+    log(f"[quanttune] {'MET' if met else 'NOT MET'}: {reason}")
+    return result
+
+
+def _evaluated(known: Mapping[str, Outcome]) -> int:
+    return sum(1 for o in known.values() if o.state in ("COMPLETE", "FAIL"))
+
+
+def _best(outcomes: Iterable[Outcome]) -> Outcome | None:
+    done = [o for o in outcomes if o.state == "COMPLETE"]
+    met = [o for o in done if o.met]
+    if met:  # the most INT8, then the smallest drop, then the earliest
+        return max(met, key=lambda o: (o.coverage, -o.drop, -o.number))
+    return min(done, key=lambda o: (o.drop, o.number), default=None)
+
+
+def _reason(best: Outcome, plan: Plan, budget: Budget, stopped: bool) -> str:
+    n_fp32 = len(plan.fp32_layers)
+    where = f"trial {best.number}: {plan.summary()}, drop {budget.format(best.drop)} vs budget {budget.describe()}"
+    if best.met:
+        tail = "every layer INT8" if n_fp32 == 0 else f"{n_fp32} layer(s) FP32: {', '.join(plan.fp32_layers[:5])}"
+        return f"{where}; {tail}"
+    return (f"no evaluated plan met the budget{' before the search was stopped' if stopped else ''}; "
+            f"the closest is {where}")
+
+
+def _progress(log, outcome: Outcome, plan: Plan, budget: Budget, best: Outcome | None) -> None:
+    if outcome.state == "FAIL":
+        log(f"[quanttune] trial {outcome.number:>3} FAILED {plan.summary()}: {outcome.error}")
+        return
+    state = "met " if outcome.met else "miss"
+    reuse = " (same plan as before: not re-evaluated)" if outcome.reused else f" [{outcome.duration_s:.2f}s]"
+    log(f"[quanttune] trial {outcome.number:>3} {state} score {outcome.score:.6g} "
+        f"drop {budget.format(outcome.drop)} int8 MACs {outcome.coverage:.1%} | {plan.summary()}{reuse}")
+
+
+def _trial_info(outcome: Outcome, plan: Plan, evaluations: int, best: Outcome | None) -> dict[str, Any]:
+    return {
+        "number": outcome.number, "state": outcome.state, "score": outcome.score, "drop": outcome.drop,
+        "coverage": outcome.coverage, "summary": plan.summary(), "evaluations": evaluations,
+        "best_score": best.score if best else None, "best_drop": best.drop if best else None,
+        "best_coverage": best.coverage if best else None, "met": bool(best and best.met),
+    }
+
+
+def _trials(study: optuna.Study) -> list[dict[str, Any]]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        rows.append({
+            "number": t.number, "state": t.state.name, "summary": a.get("summary"), "score": a.get("score"),
+            "drop": a.get("drop"), "coverage": a.get("coverage"), "fp32_layers": a.get("fp32_layers", []),
+            "duration_s": a.get("duration_s"), "overhead_s": a.get("overhead_s"), "error": a.get("error"),
+            "duplicate_of": a.get("duplicate_of"), "params": dict(t.params),
+        })
+    return rows
+
+
+def _verify(result: TuneResult, evaluate, budget: Budget, report: LayerReport, tolerance: float, log) -> None:
+    """Evaluate the exported ONNX model on ONNX Runtime once: the score users will deploy."""
+    import tempfile
+
+    from .onnx_runtime import load_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = result.export_onnx(Path(tmp) / "model.onnx")
+        deployed = float(evaluate(load_onnx(path)))
+    result.evaluations += 1
+    result.deployed_score = deployed
+    result.deployed_drop = budget.drop(result.baseline, deployed)
+    gap = abs(deployed - result.score) / (abs(result.baseline) or 1.0)
+    log(f"[quanttune] deployed (ONNX Runtime) score {deployed:.6g}, drop {budget.format(result.deployed_drop)}")
+    if gap > tolerance or not budget.met(result.deployed_drop) and result.met:
+        suspects = sorted(result.plan.int8_layers, key=lambda n: report.layers[n].sqnr[result.plan.config(n).setting()])[:3]
+        message = (f"the deployed model scores {deployed:.6g} against {result.score:.6g} simulated "
+                   f"(gap {gap:.3%} of the baseline); the layers most likely responsible (lowest SQNR): "
+                   f"{', '.join(suspects)}")
+        result.warnings.append(message)
+        warnings.warn(message, stacklevel=3)
