@@ -12,6 +12,7 @@ from .errors import (
     InvalidPlanError,
     QuanttuneError,
 )
+from .exported import InvalidArchiveError, export_model, load_exported
 from .histogram import METHODS, TensorStats
 from .plan import FP32, LayerConfig, Plan
 from .qmodules import QuantizedLayer, apply_plan
@@ -25,6 +26,7 @@ __all__ = [
     "Calibration",
     "CalibrationError",
     "EvaluationError",
+    "InvalidArchiveError",
     "InvalidArgumentError",
     "InvalidPlanError",
     "LayerConfig",
@@ -37,7 +39,9 @@ __all__ = [
     "TuneResult",
     "apply_plan",
     "calibrate",
+    "export_model",
     "layer_report",
+    "load_exported",
     "quantizable_layers",
     "tune",
 ]

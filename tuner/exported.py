@@ -440,9 +440,35 @@ def _materialize_layers(gm: fx.GraphModule) -> list[str]:
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
+    _reroute_layer_state(gm, set(made))
     graph.lint()
     gm.recompile()
     return skipped
+
+
+def _reroute_layer_state(gm: fx.GraphModule, layers: set[str]) -> None:
+    """Point the graph's other reads of a layer's tensors (a tied embedding reading the head's
+    weight) at a path outside every layer, so that they keep reading the FP32 tensor when
+    `apply_plan` swaps the layer for a QuantizedLayer."""
+    outside: dict[int, str] = {}
+    for fqn, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        if fqn.rpartition(".")[0] not in layers:
+            outside.setdefault(id(tensor), fqn)
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target.rpartition(".")[0] not in layers:
+            continue
+        owner, _, attr = node.target.rpartition(".")
+        value = getattr(gm.get_submodule(owner), attr)
+        if id(value) not in outside:
+            alias = "_layer_state_" + node.target.replace(".", "_")
+            if isinstance(value, nn.Parameter):
+                gm.register_parameter(alias, value)
+            elif attr in gm.get_submodule(owner)._buffers:
+                gm.register_buffer(alias, value)
+            else:
+                setattr(gm, alias, value)
+            outside[id(value)] = alias
+        node.target = outside[id(value)]
 
 
 def _bind(node: fx.Node) -> dict[str, Any]:
