@@ -7,12 +7,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .auth import bearer_source
 from .db import make_engine, make_sessionmaker
-from .errors import PayloadTooLarge, error_response, install_error_handlers
+from .errors import error_response, install_error_handlers
 from .routes import artifacts, health, jobs, trials
 from .settings import Settings, get_settings
 from .studies import Studies
@@ -46,8 +47,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise PayloadTooLarge(self._message())
+                if received > self.limit:  # an HTTPException: FastAPI's body parsing passes it through
+                    raise StarletteHTTPException(413, self._message())
             return message
 
         await self.app(scope, limited, send)
