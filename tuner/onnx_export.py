@@ -39,7 +39,7 @@ from torch.nn import functional as F
 from .batches import batch_size, call_model
 from .calibrate import Calibration
 from .errors import InvalidArgumentError, InvalidPlanError, QuanttuneError
-from .onnx_graph import annotate_layers, propagate_quantization, strip_exporter_metadata
+from .onnx_graph import annotate_layers, strip_exporter_metadata
 from .onnx_io import InputSpec, flatten_output
 from .plan import Plan
 from .qmodules import QuantizedLayer, apply_plan
@@ -75,15 +75,15 @@ def _ops() -> dict[str, Any]:
         return torch.empty_like(x)
 
     @torch.library.custom_op("quanttune::dequantize_weight", mutates_args=())
-    def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+    def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
         if scale.dim():
             shape = [1] * codes.dim()
             shape[axis] = -1
-            scale = scale.reshape(shape)
-        return codes.float() * scale
+            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+        return (codes.float() - zero_point.float()) * scale
 
     @dequantize_weight.register_fake
-    def _(codes, scale, axis):
+    def _(codes, scale, zero_point, axis):
         return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
 
     _OPS.update(qdq=quantize_dequantize, dq=dequantize_weight)
@@ -107,8 +107,9 @@ def _translations() -> dict[Any, Any]:
             q = op.Clip(q, op.Constant(value=ir.tensor(qmin, dtype=dtype)), op.Constant(value=ir.tensor(qmax, dtype=dtype)))
         return op.DequantizeLinear(q, s, z)
 
-    def dequantize_weight(codes, scale, axis: int):
-        return op.DequantizeLinear(codes, scale, axis=axis)
+    def dequantize_weight(codes, scale, zero_point, axis: int):
+        # the zero point is explicit: ONNX Runtime's Gemm QDQ fusion requires it
+        return op.DequantizeLinear(codes, scale, zero_point, axis=axis)
 
     ops = torch.ops.quanttune
     return {ops.quantize_dequantize.default: quantize_dequantize, ops.dequantize_weight.default: dequantize_weight}
@@ -121,18 +122,23 @@ class _ExportLayer(nn.Module):
     """A `QuantizedLayer` as the graph should hold it: int8 weight codes plus the quantization
     ops, computing the same numbers as the simulation."""
 
-    def __init__(self, q: QuantizedLayer, name: str):
+    def __init__(self, q: QuantizedLayer, name: str, input_rank: int | None = None):
         super().__init__()
         layer, wqp, act = q.layer, q.weight_qparams, q.act_qparams
         if wqp.group_size is not None:
             raise InvalidPlanError(f"layer {name!r}: per-group weights cannot be exported to ONNX QDQ (opset < 21).")
         codes = quantize(layer.weight.detach(), wqp).to(torch.int8)
         self.linear = isinstance(layer, nn.Linear)
+        # A Linear on 2-D inputs is exported as Gemm (fused into QGemm by ONNX Runtime; MatMul + Add
+        # would first be fused into a float Gemm), otherwise as MatMul on the transposed weight
+        # (fused into MatMulIntegerToFloat). The bias is added after, in float, as simulated.
+        self.gemm = self.linear and input_rank == 2
         self.axis = 0
-        if self.linear:  # MatMul(x, W^T): the form ONNX Runtime fuses into MatMulIntegerToFloat
+        if self.linear and not self.gemm:
             codes, self.axis = codes.t().contiguous(), 1
         self.register_buffer("weight", codes)
         self.register_buffer("weight_scale", wqp.scale.detach().float().clone())
+        self.register_buffer("weight_zero_point", wqp.zero_point.detach().to(torch.int8).clone())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
         if not self.linear:  # the convolution's hyperparameters, for the functional form
             self.conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
@@ -152,9 +158,9 @@ class _ExportLayer(nn.Module):
             shape[self.channel_axis] = -1
             x = x / self.input_divisor.reshape(shape)
         x = ops["qdq"](x, self.scale, self.zero_point, self.qmin, self.qmax)
-        w = ops["dq"](self.weight, self.weight_scale, self.axis)
+        w = ops["dq"](self.weight, self.weight_scale, self.weight_zero_point, self.axis)
         if self.linear:
-            y = torch.matmul(x, w)
+            y = F.linear(x, w) if self.gemm else torch.matmul(x, w)
             return y if self.bias is None else y + self.bias
         conv = self.conv
         if self.pad is not None:  # as nn.Conv*d does for padding_mode != "zeros"
@@ -175,15 +181,37 @@ class _Flat(nn.Module):
         return tuple(flatten_output(call_model(self.model, self.spec.rebuild(tensors)))[0])
 
 
-def _export_model(model: nn.Module, plan: Plan, calibration: Calibration) -> tuple[nn.Module, nn.Module]:
-    """(simulated model, export model): the plan applied, then each QuantizedLayer in export form."""
-    simulated = apply_plan(model, plan, calibration)
+def _input_ranks(simulated: nn.Module, batch: Any) -> tuple[Any, dict[str, int | None]]:
+    """Run the simulated model on `batch`: its output, and the input rank of every quantized layer
+    (None where a layer is called with several ranks)."""
+    ranks: dict[str, int | None] = {}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        ranks[name] = x.dim() if ranks.get(name, x.dim()) == x.dim() else None
+
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, n=name: record(n, args[0]))
+        for name, m in simulated.named_modules()
+        if isinstance(m, QuantizedLayer)
+    ]
+    try:
+        with torch.no_grad():
+            output = call_model(simulated, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return output, ranks
+
+
+def _export_form(simulated: nn.Module, ranks: dict[str, int | None]) -> nn.Module:
+    """A copy of the simulated model with each QuantizedLayer in export form."""
     exported = copy.deepcopy(simulated)
     for name, module in list(exported.named_modules()):
         if isinstance(module, QuantizedLayer):
             parent, _, child = name.rpartition(".")
-            setattr(exported.get_submodule(parent) if parent else exported, child, _ExportLayer(module, name))
-    return simulated, exported.eval()
+            export_layer = _ExportLayer(module, name, ranks.get(name))
+            setattr(exported.get_submodule(parent) if parent else exported, child, export_layer)
+    return exported.eval()
 
 
 # -- inputs, dynamic dimensions --------------------------------------------------------------
@@ -200,21 +228,12 @@ def _example_tensors(spec: InputSpec, example: Any) -> list[torch.Tensor]:
     return tensors
 
 
-def _dynamic_shapes(spec: InputSpec, tensors: list[torch.Tensor], batches: list[Any]) -> tuple:
-    """Per graph input, the dimensions to keep dynamic: the batch dimension, and every dimension
-    whose size differs between calibration batches (e.g. a padded sequence length)."""
-    n = tensors[0].shape[0] if tensors and tensors[0].dim() else None
-    dims = [{0} if t.dim() and t.shape[0] == n else set() for t in tensors]
-    for batch in batches:
-        try:
-            others = spec.tensors_of(batch)
-        except (KeyError, TypeError, IndexError):
-            continue
-        for i, (t, other) in enumerate(zip(tensors, others)):
-            if isinstance(other, torch.Tensor) and other.dim() == t.dim():
-                dims[i] |= {d for d in range(t.dim()) if other.shape[d] != t.shape[d]}
+def _dynamic_shapes(tensors: list[torch.Tensor]) -> tuple:
+    """Every dimension of every input is `Dim.AUTO`: dynamic unless the model needs it fixed
+    (torch.export then keeps the example's size). Calibration batches need not show every size
+    the model will see (padded sequence lengths, image sizes), so none is assumed fixed."""
     auto = torch.export.Dim.AUTO
-    return (tuple({d: auto for d in sorted(ds)} for ds in dims),)
+    return (tuple({d: auto for d in range(t.dim())} for t in tensors),)
 
 
 @contextmanager
@@ -253,11 +272,12 @@ def export_onnx(
     if not isinstance(calibration, Calibration):
         raise InvalidArgumentError(f"`calibration` must be a tuner.Calibration, but got {type(calibration).__name__}.")
     example = calibration.batches[0] if example is None else example
-    simulated, exported = _export_model(model, plan, calibration)
+    simulated = apply_plan(model, plan, calibration)
     spec = InputSpec.from_batch(model, example)
     tensors = _example_tensors(spec, example)
-    with torch.no_grad():
-        outputs, tree = flatten_output(call_model(simulated, spec.rebuild(tensors)))
+    output, ranks = _input_ranks(simulated, spec.rebuild(tensors))
+    outputs, tree = flatten_output(output)
+    exported = _export_form(simulated, ranks)
     if not outputs:
         raise ExportError(f"{type(model).__name__} returned no tensor on the example batch: nothing to export.")
 
@@ -271,7 +291,7 @@ def export_onnx(
                 dynamo=True,
                 input_names=list(spec.tensors),
                 output_names=[f"output_{i}" for i in range(len(outputs))],
-                dynamic_shapes=_dynamic_shapes(spec, tensors, calibration.batches),
+                dynamic_shapes=_dynamic_shapes(tensors),
                 custom_translation_table=_translations() if int8 else None,
                 optimize=True,
                 verbose=False,
@@ -282,7 +302,6 @@ def export_onnx(
     proto = program.model_proto
     strip_exporter_metadata(proto, prefix="model.")
     layers = annotate_layers(proto, plan, calibration)
-    propagate_quantization(proto)
     meta = {
         "format": FORMAT_VERSION,
         "inputs": spec.to_dict(),

@@ -1,6 +1,5 @@
-"""Post-processing of the exported ONNX graph with the `onnx` package: tidy names, find and check
-every layer's quantization nodes, and place activation quantization where ONNX Runtime can fuse it.
-"""
+"""Post-processing of the exported ONNX graph with the `onnx` package: tidy names, and find, check
+and name every layer's quantization nodes."""
 
 from __future__ import annotations
 
@@ -104,16 +103,19 @@ def annotate_layers(proto: onnx.ModelProto, plan: Plan, calibration: Calibration
             raise GraphError(f"INT8 layer {name!r} has no int8 weight initializer {name + '.weight'!r} in the graph.")
         weight_dq = _only(index.consumers[weight.name], "DequantizeLinear")
         compute = [n for n in index.consumers[weight_dq.output[0]]] if weight_dq is not None else []
-        if weight_dq is None or len(compute) != 1 or compute[0].op_type not in ("Conv", "MatMul"):
-            raise GraphError(f"INT8 layer {name!r}: its weight does not reach one Conv/MatMul through DequantizeLinear.")
+        if weight_dq is None or len(compute) != 1 or compute[0].op_type not in ("Conv", "MatMul", "Gemm"):
+            raise GraphError(f"INT8 layer {name!r}: its weight does not reach one Conv/Gemm/MatMul through DequantizeLinear.")
         compute = compute[0]
         input_dq = index.producer.get(compute.input[0])
         codes_node = index.producer.get(input_dq.input[0]) if input_dq is not None else None
         quantize = index.producer.get(codes_node.input[0]) if codes_node is not None and codes_node.op_type == "Clip" else codes_node
         if input_dq is None or input_dq.op_type != "DequantizeLinear" or quantize is None or quantize.op_type != "QuantizeLinear":
             raise GraphError(f"INT8 layer {name!r}: its input is not quantized by QuantizeLinear -> DequantizeLinear.")
-        for node, role in ((quantize, "input_quantize"), (codes_node, "input_clip"), (input_dq, "input_dequantize"),
-                           (weight_dq, "weight_dequantize"), (compute, compute.op_type)):
+        roles = [(quantize, "input_quantize"), (input_dq, "input_dequantize"), (weight_dq, "weight_dequantize"),
+                 (compute, compute.op_type)]
+        if codes_node is not quantize:
+            roles.append((codes_node, "input_clip"))
+        for node, role in roles:
             if not node.name.startswith(tuple(f"{n}/" for n in layers)):  # shared input QDQ keeps its first name
                 node.name = f"{name}/{role}"
         axis = next((a.i for a in weight_dq.attribute if a.name == "axis"), 1)
@@ -129,6 +131,3 @@ def annotate_layers(proto: onnx.ModelProto, plan: Plan, calibration: Calibration
         }
     return layers
 
-
-def propagate_quantization(proto: onnx.ModelProto) -> None:
-    """(placeholder during experiments)"""
