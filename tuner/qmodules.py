@@ -50,6 +50,15 @@ class QuantizedLayer(nn.Module):
             ).to(x.dtype)
         return self.layer(x, *args, **kwargs)
 
+    def __getattr__(self, name: str):
+        # code that reads the wrapped layer's attributes (weight, in_features, ...) keeps working
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "layer":
+                raise
+            return getattr(self._modules["layer"], name)
+
     def extra_repr(self) -> str:
         return self.config.short()
 

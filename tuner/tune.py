@@ -30,7 +30,7 @@ from .space import SearchSpace, plan_for
 from .study import Budget, Outcome, open_study, run_trial, running_elsewhere, stored_outcomes
 
 
-MAX_PRUNED_IN_A_ROW = 25
+MAX_IDLE_IN_A_ROW = 8  # sampled trials in a row that were pruned or repeated a plan: the sampler is done
 
 
 @dataclass
@@ -201,7 +201,7 @@ def tune(
         t = study.trials[outcome.number]
         plans.setdefault(outcome.plan_key, Plan.from_dict(t.user_attrs["plan"]))
     stopped = False
-    pruned_in_a_row = 0
+    idle_in_a_row = 0
     while True:
         if should_stop is not None and should_stop():
             stopped = True
@@ -225,13 +225,12 @@ def tune(
         beat = best.coverage if propose is None and best is not None and best.met else None
         outcome = run_trial(study, lambda trial: space.suggest(trial, n_candidates), make_plan, build, evaluate,
                             baseline, budget, known, propose, beat)
-        if outcome is None:  # the sampler proposed a plan that cannot beat the best: no evaluation
-            pruned_in_a_row += 1
-            if pruned_in_a_row >= MAX_PRUNED_IN_A_ROW:
-                log("[quanttune] the sampler finds no plan that could beat the best: done")
-                break
+        idle_in_a_row = idle_in_a_row + 1 if outcome is None or outcome.reused else 0
+        if idle_in_a_row >= MAX_IDLE_IN_A_ROW:
+            log("[quanttune] the sampler proposes no new plan that could beat the best: done")
+            break
+        if outcome is None:  # pruned: it could not beat the best plan, so it was not evaluated
             continue
-        pruned_in_a_row = 0
         evaluations += 0 if outcome.reused else 1
         known.update({k: v for k, v in stored_outcomes(study, budget).items() if k not in known})
         best = _best(known.values())
