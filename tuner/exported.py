@@ -28,6 +28,7 @@ so guard strings are never executed. Anything refused raises `InvalidArchiveErro
 from __future__ import annotations
 
 import ast
+import inspect
 import io
 import json
 import keyword
@@ -84,8 +85,10 @@ def export_model(model: nn.Module, example_batch: Any, path: str | Path, *, dyna
     failures: list[str] = []
     try:
         for how, shapes in attempts:
+            # fresh tensor objects each time: export marks the ones it is given as dynamic
+            fresh_args, fresh_kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (args, kwargs))
             try:
-                program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes)
+                program = torch.export.export(model, fresh_args, fresh_kwargs, dynamic_shapes=shapes)
                 break
             except Exception as error:  # torch raises many unrelated types here
                 reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
@@ -234,7 +237,9 @@ def check_archive(data: bytes, name: str = "<archive>") -> None:
                     if not (isinstance(path_name, str) and re.fullmatch(pattern, path_name) and folder + path_name in files):
                         raise refuse(f"its {kind[:-1]} {fqn!r} points at a missing or unexpected file {path_name!r}")
             try:
-                torch.load(io.BytesIO(read("data/sample_inputs/model.pt")), weights_only=True, map_location="cpu")
+                with warnings.catch_warnings():  # about pickle protocols, on files we refuse anyway
+                    warnings.simplefilter("ignore")
+                    torch.load(io.BytesIO(read("data/sample_inputs/model.pt")), weights_only=True, map_location="cpu")
             except Exception as error:
                 raise refuse(f"its sample inputs are not plain tensors (weights-only load failed: {type(error).__name__})") from None
             _check_program(_json(read("models/model.json"), refuse), refuse)
@@ -380,6 +385,7 @@ def load_exported(path: str | Path) -> nn.Module:
         ) from error
     for method in ("train", "eval"):  # ExportedProgram.module() makes both raise; flags are harmless
         module.__dict__.pop(method, None)
+    module.register_forward_pre_hook(_as_exported, prepend=True, with_kwargs=True)
     skipped = _materialize_layers(module)
     if skipped:
         warnings.warn(
@@ -389,6 +395,19 @@ def load_exported(path: str | Path) -> nn.Module:
             stacklevel=2,
         )
     return module.eval()
+
+
+def _as_exported(module: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Accept the inputs positionally or by keyword, as the eager model did: pass them on the way
+    they were exported (torch's own input check insists on that)."""
+    names = inspect.signature(module.forward).parameters
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+    except TypeError as error:
+        raise InvalidArgumentError(f"the model takes ({', '.join(names)}): {error}") from None
+    values = [bound[name] for name in names if name in bound]
+    positional = module._in_spec.child(0).num_children
+    return tuple(values[:positional]), dict(zip(list(names)[positional:], values[positional:]))
 
 
 _LINEAR = torch.ops.aten.linear.default
