@@ -1,0 +1,133 @@
+"""The search, end to end on the bundled digits model (naive INT8 breaks the budget there)."""
+
+import math
+
+import optuna
+import pytest
+import torch
+
+from tuner import EvaluationError, InvalidArgumentError, Plan, tune
+from tuner.examples import digits
+
+
+class Counting:
+    """The user's evaluate, counting calls and the plans it saw."""
+
+    def __init__(self, fn=digits.evaluate, fail_on=None):
+        self.fn, self.calls, self.fail_on = fn, 0, fail_on
+
+    def __call__(self, model):
+        self.calls += 1
+        if self.fail_on is not None and self.fail_on(self.calls):
+            raise RuntimeError(f"boom on call {self.calls}")
+        return self.fn(model)
+
+
+def test_meets_the_budget_fully_int8_in_two_evaluations(digits_model, digits_batches):
+    evaluate = Counting()
+    result = tune(digits_model, digits_batches, evaluate, max_drop=0.01, verify=False, verbose=False)
+    assert result.met and result.fp32_layers == []
+    assert result.drop <= 0.01
+    assert result.evaluations == evaluate.calls == 2  # baseline + one plan
+    assert result.coverage["macs"] == 1.0
+    assert Plan.from_json(result.plan.to_json()) == result.plan
+    assert digits.evaluate(result.model) == pytest.approx(result.score)
+    assert set(result.ledger) == {"conv1", "conv2", "fc1", "fc2"}
+    assert "met the budget" in result.ledger["fc1"]["reason"]
+
+
+def test_restricted_space_forces_fallback_and_the_ledger_explains_it(digits_model, digits_batches):
+    evaluate = Counting()
+    space = {"activation": ["max"], "weights": ["per_tensor"], "scheme": ["affine"], "smooth": False}
+    result = tune(digits_model, digits_batches, evaluate, space=space, verify=False, verbose=False, max_trials=12)
+    assert result.met and 0 < len(result.fp32_layers) < 4
+    assert "conv2" in result.fp32_layers  # its weights carry the outlier channel
+    reason = result.ledger["conv2"]["reason"]
+    assert reason.startswith("FP32") and "missed the budget" in reason and "met it" in reason
+    assert all(c.weights == "per_tensor" for c in result.plan.layers.values() if c.int8)
+    # no plan was evaluated twice
+    keys = [t["summary"] for t in result.trials if t["state"] == "COMPLETE" and t["duplicate_of"] is None]
+    assert evaluate.calls == 1 + len(keys)
+
+
+def test_lower_is_better_and_absolute_budget(digits_model, digits_batches):
+    def error_rate(model):
+        return 100.0 - digits.evaluate(model)
+
+    result = tune(digits_model, digits_batches, error_rate, max_drop=0.5, relative=False, higher_is_better=False,
+                  verify=False, verbose=False)
+    assert result.met and result.drop <= 0.5
+    assert result.drop == pytest.approx(result.score - result.baseline)
+
+
+def test_failing_trials_are_recorded_and_the_search_goes_on(digits_model, digits_batches):
+    evaluate = Counting(fail_on=lambda n: n == 2)  # baseline ok, first plan raises
+    result = tune(digits_model, digits_batches, evaluate, verify=False, verbose=False, max_trials=6)
+    failed = [t for t in result.trials if t["state"] == "FAIL"]
+    assert failed and "boom on call 2" in failed[0]["error"]
+    assert result.met and result.score is not None
+
+    nan_eval = Counting(fn=lambda m: float("nan") if nan_eval.calls > 1 else 1.0)
+    result = tune(digits_model, digits_batches, nan_eval, verify=False, verbose=False, max_trials=3)
+    assert not result.met and result.score is None and "not a finite number" in result.reason
+    assert result.plan.int8_layers == []  # nothing could be shown to work: the safe plan
+
+
+def test_failing_baseline_is_a_clear_error_before_any_search(digits_model, digits_batches):
+    def broken(model):
+        raise KeyError("labels")
+
+    with pytest.raises(EvaluationError, match="FP32 baseline failed: KeyError"):
+        tune(digits_model, digits_batches, broken, verbose=False)
+    with pytest.raises(EvaluationError, match="not a finite number"):
+        tune(digits_model, digits_batches, lambda m: math.inf, verbose=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"max_drop": -0.1}, "0 <= max_drop < 1"), ({"max_drop": 1.5}, "0 <= max_drop < 1"),
+    ({"max_trials": 0}, "max_trials >= 1"), ({"space": {"activation": ["median"]}}, "space `activation`"),
+    ({"space": {"layers": []}}, "unknown keys"), ({"space": {"exclude": ["nope"]}}, "exclude"),
+])
+def test_bad_arguments_are_rejected_with_the_rule(digits_model, digits_batches, kwargs, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        tune(digits_model, digits_batches, digits.evaluate, verbose=False, verify=False, **kwargs)
+
+
+def test_unmeetable_budget_returns_the_best_plan_with_met_false(digits_model, digits_batches):
+    scores = iter([10.0] + [5.0 + 0.1 * i for i in range(50)])  # every INT8 plan loses half
+    result = tune(digits_model, digits_batches, lambda m: next(scores), max_trials=5, verify=False, verbose=False)
+    assert not result.met and result.score is not None
+    assert result.plan.int8_layers  # the closest plan, not an empty answer
+    assert "no evaluated plan met the budget" in result.reason
+
+
+def test_resume_with_the_same_storage_re_evaluates_nothing(tmp_path, digits_model, digits_batches):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    space = {"activation": ["max"], "weights": ["per_tensor"], "scheme": ["affine"], "smooth": False}
+    first = Counting()
+    r1 = tune(digits_model, digits_batches, first, storage=storage, study_name="s", space=space, max_trials=2,
+              verify=False, verbose=False)
+    assert first.calls == 3  # baseline + 2 trials, then max_trials stops it
+    second = Counting()
+    r2 = tune(digits_model, digits_batches, second, storage=storage, study_name="s", space=space, max_trials=12,
+              verify=False, verbose=False)
+    assert r2.met and r2.baseline == r1.baseline
+    stored = optuna.load_study(study_name="s", storage=storage)
+    evaluated = [t for t in stored.trials if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs]
+    assert second.calls == len(evaluated) - 2  # no baseline again, nothing evaluated twice
+    assert len({t.user_attrs["plan_key"] for t in evaluated}) == len(evaluated)
+
+
+def test_stop_request_and_progress_callback(digits_model, digits_batches):
+    seen = []
+    result = tune(digits_model, digits_batches, digits.evaluate, verify=False, verbose=False,
+                  should_stop=lambda: len(seen) >= 1, on_trial=seen.append,
+                  space={"activation": ["max"], "weights": ["per_tensor"], "smooth": False})
+    assert result.stopped and len(seen) == 1
+    assert set(seen[0]) >= {"number", "state", "score", "drop", "coverage", "best_score", "met"}
+
+
+def test_verbose_prints_one_line_per_trial(digits_model, digits_batches, capsys):
+    tune(digits_model, digits_batches, digits.evaluate, verify=False)
+    lines = [l for l in capsys.readouterr().out.splitlines() if "trial" in l and "score" in l]
+    assert len(lines) == 1 and "drop" in lines[0]
