@@ -429,6 +429,9 @@ def _materialize_layers(gm: fx.GraphModule) -> list[str]:
     made: dict[str, tuple[nn.Module, tuple[Any, ...]]] = {}
     skipped: list[str] = []
     for node in list(graph.nodes):
+        if _decomposed_linear(gm, node):
+            skipped.append(f"{node.name}: a linear decomposed to {node.target.__name__} (export without run_decompositions())")
+            continue
         if node.op != "call_function" or not (node.target is _LINEAR or node.target is _CONVOLUTION or node.target in _CONV_DIMS):
             continue
         args = _bind(node)
@@ -488,6 +491,16 @@ def _reroute_layer_state(gm: fx.GraphModule, layers: set[str]) -> None:
                 setattr(gm, alias, value)
             outside[id(value)] = alias
         node.target = outside[id(value)]
+
+
+def _decomposed_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A core-ATen linear: addmm/mm of an input and a transposed parameter."""
+    if node.op != "call_function" or node.target not in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default):
+        return False
+    mat2 = node.args[2] if node.target is torch.ops.aten.addmm.default else node.args[1]
+    return (isinstance(mat2, fx.Node) and mat2.op == "call_function"
+            and mat2.target in (torch.ops.aten.permute.default, torch.ops.aten.t.default)
+            and _parameter(gm, mat2.args[0]) is not None)
 
 
 def _bind(node: fx.Node) -> dict[str, Any]:

@@ -121,6 +121,18 @@ def test_transformer_with_keyword_inputs_and_tuple_output(tmp_path):
         _same_outputs(tuner.apply_plan(loaded, plan, loaded_cal)(**other), tuner.apply_plan(eager, plan, eager_cal)(**other))
 
 
+def test_core_aten_archive_keeps_its_convolutions_and_says_why_linears_stay_fp32(tmp_path):
+    """An archive made after run_decompositions(): convs are aten.convolution, linears addmm."""
+    eager, x = digits.build_model(), digits.calibration_data()[0]
+    torch.export.save(torch.export.export(eager, (x,)).run_decompositions(), tmp_path / "core.pt2")
+    with pytest.warns(UserWarning, match="run_decompositions"):
+        loaded = load_exported(tmp_path / "core.pt2")
+    assert list(tuner.quantizable_layers(loaded)) == ["conv1", "conv2"]
+    assert isinstance(loaded.get_submodule("conv2"), nn.Conv2d)
+    with torch.no_grad():
+        _same_outputs(loaded(x), eager(x))
+
+
 class _FixedBatch(nn.Module):
     def __init__(self):
         super().__init__()
