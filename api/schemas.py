@@ -78,7 +78,7 @@ class JobCreate(BaseModel):
 class Progress(BaseModel):
     """Search progress, updated by the workers after every trial."""
 
-    trials: int = Field(0, description="Finished trials (complete or failed) in the job's study.")
+    trials: int = Field(0, description="Finished trials (COMPLETE or FAIL) in the job's study.")
     evaluations: int = Field(0, description="Calls of the evaluation function so far.")
     best_score: float | None = None
     best_drop: float | None = None
@@ -135,6 +135,7 @@ class TrialPublic(BaseModel):
     duration_s: float | None = None
     error: str | None = None
     fp32_layers: list[str] = Field(default_factory=list)
+    duplicate_of: int | None = Field(None, description="Number of the earlier trial whose plan this one repeated (not re-evaluated).")
     params: dict[str, Any] = Field(default_factory=dict, description="The Optuna parameters of the trial.")
     plan: dict[str, Any] | None = Field(None, description="The full plan; only with ?include_plan=true.")
     started_at: datetime | None = None

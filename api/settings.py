@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
     lease_seconds: float = Field(30.0, gt=0, description="A claim not renewed for this long may be reclaimed.")
     heartbeat_seconds: float | None = Field(None, gt=0, description="Lease renewal period; default lease_seconds / 3.")
+    trial_heartbeat_seconds: int = Field(5, ge=1, description="Optuna trial heartbeat period (RDB storage).")
+    trial_grace_seconds: int = Field(30, ge=2, description="A RUNNING trial without heartbeat this long is failed and retried.")
     poll_seconds: float = Field(1.0, gt=0, description="How often an idle worker looks for a job.")
 
     @field_validator("allowed_modules", mode="before")

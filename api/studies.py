@@ -84,6 +84,7 @@ def trial_public(trial: FrozenTrial, *, include_plan: bool = False) -> TrialPubl
         duration_s=duration,
         error=attrs.get("error"),
         fp32_layers=list(attrs.get("fp32_layers") or []),
+        duplicate_of=attrs.get("duplicate_of"),
         params={k: v for k, v in trial.params.items()},
         plan=attrs.get("plan") if include_plan else None,
         started_at=_utc(trial.datetime_start),

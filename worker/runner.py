@@ -95,6 +95,7 @@ class JobRun:
         self.ended = threading.Event()  # the job is no longer running (cancelled, finished elsewhere)
         self._evaluations_seen = 0
         self._baseline_known = False
+        self._storage: Any = None  # the Optuna RDB storage of this run (trial heartbeats on)
 
     # -- heartbeat -------------------------------------------------------------------------------
     def heartbeat(self, done: threading.Event) -> None:
@@ -129,24 +130,24 @@ class JobRun:
             from api.models import Job
 
             values["evaluations"] = Job.evaluations + delta
-        if not self._baseline_known:
-            baseline = self._study_baseline()
-            if baseline is not None:
-                values["baseline"], self._baseline_known = baseline, True
         try:
-            if not self.queue.progress(self.claim, values, add_trials=1):
+            values.update(self._study_progress())
+            if not self.queue.progress(self.claim, values):
                 self.ended.set()
         except Exception:
             log.exception("job %s: progress update failed", self.claim.job_id)
 
-    def _study_baseline(self) -> float | None:
-        import optuna
+    def _study_progress(self) -> dict[str, Any]:
+        """Study-wide figures (all workers): finished trials, and the baseline once known."""
+        from optuna.trial import TrialState
 
-        try:
-            study = optuna.load_study(study_name=study_name(self.claim.job_id), storage=self.settings.db_url)
-            return study.user_attrs.get("baseline")
-        except Exception:
-            return None
+        study_id = self._storage.get_study_id_from_name(study_name(self.claim.job_id))
+        values: dict[str, Any] = {"trials": self._storage.get_n_trials(study_id, (TrialState.COMPLETE, TrialState.FAIL))}
+        if not self._baseline_known:
+            baseline = self._storage.get_study_user_attrs(study_id).get("baseline")
+            if baseline is not None:
+                values["baseline"], self._baseline_known = baseline, True
+        return values
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> str:
@@ -159,12 +160,23 @@ class JobRun:
         beat = threading.Thread(target=self.heartbeat, args=(done,), daemon=True, name=f"heartbeat-{job.id}")
         beat.start()
         workdir = Path(tempfile.mkdtemp(prefix=f"job-{job.id}-", dir=self._work_root()))
+        import warnings
+
+        import optuna
+
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        # trial heartbeats: a trial left RUNNING by a dead worker is failed (and retried) after the grace period
+        self._storage = optuna.storages.RDBStorage(
+            self.settings.db_url, skip_compatibility_check=True, skip_table_creation=True,
+            heartbeat_interval=self.settings.trial_heartbeat_seconds, grace_period=self.settings.trial_grace_seconds)
         try:
             return self._run(job.spec, workdir)
         finally:
             done.set()
             beat.join()
             shutil.rmtree(workdir, ignore_errors=True)
+            self._storage.remove_session()
+            self._storage.engine.dispose()
 
     def _work_root(self) -> str:
         root = Path(self.settings.data_dir) / "work"
@@ -178,7 +190,7 @@ class JobRun:
             result = tuner.tune(
                 inputs.model, inputs.calibration, inputs.evaluate,
                 max_drop=spec["max_drop"], relative=spec["relative"], higher_is_better=spec["higher_is_better"],
-                max_trials=spec.get("max_trials"), timeout=spec.get("timeout"), storage=self.settings.db_url,
+                max_trials=spec.get("max_trials"), timeout=spec.get("timeout"), storage=self._storage,
                 study_name=study_name(job_id), seed=spec.get("seed", 0), space=spec.get("space"), verbose=True,
                 should_stop=self.should_stop, on_trial=self.on_trial,
             )
@@ -202,6 +214,6 @@ class JobRun:
             "coverage": result.coverage.get("macs"), "met": result.met, "deployed_score": result.deployed_score,
             "reason": result.reason, "best_score": result.score, "best_drop": result.drop,
             "best_coverage": result.coverage.get("macs"), "best_met": result.met,
-            "evaluations": Job.evaluations + extra,
+            "evaluations": Job.evaluations + extra, **self._study_progress(),
         }
         return "succeeded" if self.queue.finish(self.claim, "succeeded", values, artifacts) else "lost"

@@ -1,0 +1,128 @@
+"""Workers running real jobs in-process with the real `tune` (SQLite): uploads and built-in
+evaluators, success with artifacts, a failing baseline, cancel within one trial."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import save as save_safetensors
+
+from api.app import create_app
+from api.settings import Settings
+from api.tensorfiles import read_tensors
+from tuner.examples import digits
+from worker import Worker
+from worker.runner import build_inputs
+
+NAIVE = {"activation": ["max"], "scheme": ["symmetric"], "weights": ["per_tensor"], "smooth": False}  # breaks 1%
+SQLITE = pytest.mark.parametrize("migrated_db", ["sqlite"], indirect=True)
+
+
+@pytest.fixture
+def service(migrated_db: str, tmp_path: Path, make_token, user_modules):  # noqa: ANN001, ANN201
+    settings = Settings(db=migrated_db, data_dir=tmp_path, allowed_modules=["tuner.examples", "qt_usercode"],
+                        lease_seconds=10, poll_seconds=0.2)
+    with TestClient(create_app(settings)) as client:
+        client.headers["Authorization"] = f"Bearer {make_token(migrated_db)}"
+        client.settings = settings
+        yield client
+
+
+def submit(client: TestClient, spec: dict, **files: bytes) -> int:
+    parts = {"spec": (None, json.dumps(spec)), **{k: (f"{k}.safetensors", v) for k, v in files.items()}}
+    response = client.post("/v1/jobs", files=parts)
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def digits_files() -> dict[str, bytes]:
+    _, _, x_test, y_test = digits._splits()
+    calibration = torch.cat(digits.calibration_data())
+    return {"calibration_file": save_safetensors({"input": calibration.contiguous()}),
+            "eval_file": save_safetensors({"input": x_test.contiguous(), "label": y_test.contiguous()})}
+
+
+@SQLITE
+def test_uploaded_data_and_top1_job_succeeds_with_artifacts(service: TestClient) -> None:
+    spec = {"name": "digits", "model": "tuner.examples.digits:build_model", "evaluator": "top1",
+            "batch_size": 100, "space": NAIVE, "max_trials": 12}
+    job_id = submit(service, spec, **digits_files())
+    assert Worker(service.settings).run_once() == "succeeded"
+    job = service.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and job["error"] is None
+    # the built-in top1 on the uploaded test split is the example's own metric
+    assert job["baseline"] == pytest.approx(digits.evaluate(digits.build_model()))
+    assert job["met"] and job["drop"] <= 0.01 and 0 < job["coverage"] < 1  # naive INT8 breaks it: some FP32
+    assert job["deployed_score"] is not None and sorted(job["artifacts"]) == ["model.onnx", "plan.json", "report.json"]
+    trials = service.get(f"/v1/jobs/{job_id}/trials").json()
+    finished = [t for t in trials["data"] if t["state"] in ("COMPLETE", "FAIL")]
+    assert job["progress"]["trials"] == len(finished) >= 2 and trials["count"] == len(trials["data"])
+    assert finished[0]["coverage"] == 1.0 and finished[0]["drop"] > 0.01  # all-INT8 first, over budget
+    assert any(t["fp32_layers"] for t in finished) and all(t["summary"] for t in finished)
+    report = service.get(f"/v1/jobs/{job_id}/report").json()
+    assert (report["score"], report["baseline"]) == (job["score"], job["baseline"])
+    assert job["progress"]["evaluations"] == report["evaluations"]
+    assert set(service.get(f"/v1/jobs/{job_id}/ledger").json()["ledger"]) == {"conv1", "conv2", "fc1", "fc2"}
+    download = service.get(f"/v1/jobs/{job_id}/artifacts/model.onnx")
+    assert download.headers["content-disposition"] == 'attachment; filename="model.onnx"'
+    import onnx
+
+    onnx.checker.check_model(onnx.load_from_string(download.content))
+    assert json.loads(service.get(f"/v1/jobs/{job_id}/artifacts/plan.json").content) == report["plan"]
+
+
+@SQLITE
+def test_failing_baseline_fails_the_job_with_the_reason(service: TestClient) -> None:
+    job_id = submit(service, {"model": "tuner.examples.digits:build_model",
+                              "calibration": "tuner.examples.digits:calibration_data",
+                              "evaluate": "qt_usercode.evals:broken"})
+    assert Worker(service.settings).run_once() == "failed"
+    job = service.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["finished_at"] is not None
+    assert "baseline" in job["error"] and "the evaluation data set is missing" in job["error"]
+    assert job["artifacts"] == []
+
+
+@SQLITE
+def test_cancel_takes_effect_within_one_trial(service: TestClient, wait_until, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("QT_TEST_EVAL_SLEEP", "0.6")
+    job_id = submit(service, {"model": "tuner.examples.digits:build_model",
+                              "calibration": "tuner.examples.digits:calibration_data",
+                              "evaluate": "qt_usercode.evals:slow", "space": NAIVE})
+    worker = Worker(service.settings)
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(worker.run_once()))
+    thread.start()
+    wait_until(lambda: service.get(f"/v1/jobs/{job_id}").json()["progress"]["trials"] >= 1, 120, message="a trial")
+    assert service.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    at_cancel = service.get(f"/v1/jobs/{job_id}/trials").json()["count"]
+    thread.join(60)
+    assert outcome == ["released"]
+    trials = service.get(f"/v1/jobs/{job_id}/trials").json()
+    assert trials["count"] <= at_cancel + 1  # at most the trial in flight finished
+    job = service.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "cancelled" and job["artifacts"] == [] and job["workers"] == 0
+
+
+@SQLITE
+def test_uploaded_export_archive_becomes_the_model(service: TestClient, tmp_path: Path) -> None:
+    from tuner.exported import export_model
+
+    model = digits.build_model()
+    batch = digits.calibration_data()[0]
+    archive = export_model(model, batch, tmp_path / "digits.pt2").read_bytes()
+    files = {"model_file": archive, "calibration_file": save_safetensors({"input": batch.contiguous()})}
+    job_id = submit(service, {"evaluator": "agreement"}, **files)
+    job = service.get(f"/v1/jobs/{job_id}").json()
+    assert job["model_source"] == "upload:model_file.safetensors" and job["evaluation_source"] == "builtin:agreement"
+    spec = {"evaluator": "agreement", "batch_size": 32}
+    inputs = build_inputs(spec, {k: (k, v) for k, v in files.items()}, service.settings, tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(inputs.model(batch), model(batch), atol=1e-5)
+    assert inputs.evaluate(inputs.model) == 100.0  # agreement of the FP32 model with itself
+    assert len(inputs.calibration) == 1 and torch.equal(inputs.calibration[0], read_tensors(files["calibration_file"], field="c")["input"])
