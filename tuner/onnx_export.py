@@ -39,7 +39,6 @@ from torch.nn import functional as F
 from .batches import batch_size, call_model
 from .calibrate import Calibration
 from .errors import InvalidArgumentError, InvalidPlanError, QuanttuneError
-from .onnx_graph import annotate_layers, strip_exporter_metadata
 from .onnx_io import InputSpec, flatten_output
 from .plan import Plan
 from .qmodules import QuantizedLayer, apply_plan
@@ -204,8 +203,9 @@ def _input_ranks(simulated: nn.Module, batch: Any) -> tuple[Any, dict[str, int |
 
 
 def _export_form(simulated: nn.Module, ranks: dict[str, int | None]) -> nn.Module:
-    """A copy of the simulated model with each QuantizedLayer in export form."""
-    exported = copy.deepcopy(simulated)
+    """The simulated model (a private copy made by `apply_plan`) with each QuantizedLayer
+    replaced, in place, by its export form."""
+    exported = simulated
     for name, module in list(exported.named_modules()):
         if isinstance(module, QuantizedLayer):
             parent, _, child = name.rpartition(".")
@@ -265,6 +265,8 @@ def export_onnx(
     keyword inputs; default: the first calibration batch). The caller's model is not modified.
     """
     import onnx
+
+    from .onnx_graph import annotate_layers, strip_exporter_metadata
 
     path = pathlib.Path(path)
     if not isinstance(plan, Plan):

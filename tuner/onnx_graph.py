@@ -115,6 +115,11 @@ def annotate_layers(proto: onnx.ModelProto, plan: Plan, calibration: Calibration
                  (compute, compute.op_type)]
         if codes_node is not quantize:
             roles.append((codes_node, "input_clip"))
+        smooth = index.producer.get(quantize.input[0])  # SmoothQuant: Div by the per-channel factors
+        if plan.layers[name].smooth and smooth is not None and smooth.op_type == "Div" and smooth.input[1] in index.initializers:
+            roles.append((smooth, "input_smooth"))
+        else:
+            smooth = None
         for node, role in roles:
             if not node.name.startswith(tuple(f"{n}/" for n in layers)):  # shared input QDQ keeps its first name
                 node.name = f"{name}/{role}"
@@ -124,7 +129,8 @@ def annotate_layers(proto: onnx.ModelProto, plan: Plan, calibration: Calibration
             "op": compute.op_type,
             "weight": weight.name,
             "weight_axis": axis if len(weight_dq.input) > 1 and _scalar(index, weight_dq.input[1]) is None else None,
-            "input": quantize.input[0],
+            "input": smooth.input[0] if smooth is not None else quantize.input[0],
+            "input_divisor": smooth.input[1] if smooth is not None else None,
             "input_codes": codes_node.output[0],
             "input_scale": _scalar(index, quantize.input[1]),
             "input_zero_point": _scalar(index, quantize.input[2]),
