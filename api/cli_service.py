@@ -86,10 +86,16 @@ def serve(
         from .migrate import migrate as run_migrate
 
         run_migrate(settings.db_url)
-    _first_token(settings)
+    if settings.db_url.startswith("sqlite"):
+        _first_token(settings)
     env = {**os.environ, "QUANTTUNE_DB": settings.db_url, "QUANTTUNE_DATA_DIR": str(settings.data_dir)}
     children = [subprocess.Popen([sys.executable, "-m", "worker"], env=env) for _ in range(workers)]
     typer.echo(f"quanttune API on http://{host}:{port}  ({workers} worker(s), database {_safe(settings.db_url)})")
+
+    def _exit(signum: int, _frame: object) -> None:  # uvicorn re-raises SIGTERM after its graceful shutdown
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _exit)  # so that the `finally` below still stops the workers
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:
@@ -97,7 +103,7 @@ def serve(
 
 
 def _first_token(settings) -> None:  # noqa: ANN001
-    """Embedded convenience: on a database without any token, create one and print it once."""
+    """Embedded (SQLite) convenience: on a database without any token, create one and print it once."""
     from sqlalchemy import func, select
 
     from .auth import create_token

@@ -14,6 +14,10 @@ from optuna.trial import FrozenTrial, TrialState
 from .schemas import TrialPublic
 
 
+# A FAIL trial without an error was failed by Optuna's heartbeat check (`fail_stale_trials`).
+INTERRUPTED = "interrupted: the worker running this trial stopped (no trial heartbeat); the plan is retried"
+
+
 def study_name(job_id: int) -> str:
     return f"job-{job_id}"
 
@@ -82,7 +86,7 @@ def trial_public(trial: FrozenTrial, *, include_plan: bool = False) -> TrialPubl
         drop=_finite(attrs.get("drop")),
         coverage=_finite(attrs.get("coverage")),
         duration_s=duration,
-        error=attrs.get("error"),
+        error=attrs.get("error") or (INTERRUPTED if trial.state == TrialState.FAIL else None),
         fp32_layers=list(attrs.get("fp32_layers") or []),
         duplicate_of=attrs.get("duplicate_of"),
         params={k: v for k, v in trial.params.items()},

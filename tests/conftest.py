@@ -27,6 +27,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(name="free_port")
+def free_port_fixture():  # noqa: ANN201
+    """`free_port()` -> a free TCP port on 127.0.0.1 (never 5432)."""
+    return free_port
+
+
 def free_port() -> int:
     while True:
         with socket.socket() as s:
