@@ -89,7 +89,8 @@ def serve(
     if settings.db_url.startswith("sqlite"):
         _first_token(settings)
     env = {**os.environ, "QUANTTUNE_DB": settings.db_url, "QUANTTUNE_DATA_DIR": str(settings.data_dir)}
-    children = [subprocess.Popen([sys.executable, "-m", "worker"], env=env) for _ in range(workers)]
+    children = [subprocess.Popen([sys.executable, "-m", "worker"], env=env, preexec_fn=_die_with_parent)
+                for _ in range(workers)]
     typer.echo(f"quanttune API on http://{host}:{port}  ({workers} worker(s), database {_safe(settings.db_url)})")
 
     def _exit(signum: int, _frame: object) -> None:  # uvicorn re-raises SIGTERM after its graceful shutdown
@@ -115,6 +116,18 @@ def _first_token(settings) -> None:  # noqa: ANN001
         if not session.scalar(select(func.count()).select_from(Token)):
             typer.echo(f"no API token existed: created one named 'default': {create_token(session, 'default')}")
     engine.dispose()
+
+
+def _die_with_parent() -> None:
+    """In the worker child (Linux): get SIGTERM when `serve` dies, even by SIGKILL, so no worker
+    outlives the embedded server."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
 
 
 def _stop(children: list[subprocess.Popen], grace: float = 20.0) -> None:

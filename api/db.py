@@ -39,5 +39,11 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
+def optuna_engine_kwargs(url: str) -> dict:
+    """For `optuna.storages.RDBStorage(url, engine_kwargs=...)`: on SQLite, wait for the write lock
+    as our own engine does, instead of failing after sqlite3's default 5 s."""
+    return {"connect_args": {"timeout": 60}} if is_sqlite(url) else {"pool_pre_ping": True}
+
+
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)

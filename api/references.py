@@ -4,6 +4,7 @@ the operator allows (`QUANTTUNE_ALLOWED_MODULES`)."""
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,6 +37,13 @@ def resolve(reference: str, allowed: Sequence[str], *, field: str) -> Callable[.
         if part.startswith("_") or not hasattr(target, part):
             raise DisallowedReference(f"{field}: {reference!r} not found: {module_name!r} has no attribute {attribute!r}.", field=field)
         target = getattr(target, part)
+        if inspect.ismodule(target):  # `allowed.module:np.load` must not reach outside the allowed modules
+            raise DisallowedReference(f"{field}: {reference!r} goes through module {target.__name__!r}; name the "
+                                      "module before the colon.", field=field)
+    defined_in = getattr(target, "__module__", None)
+    if isinstance(defined_in, str) and not is_allowed(defined_in, allowed):
+        raise DisallowedReference(f"{field}: {reference!r} is defined in module {defined_in!r}, outside the allowed "
+                                  f"prefixes {', '.join(allowed)} (QUANTTUNE_ALLOWED_MODULES).", field=field)
     if not callable(target):
         raise DisallowedReference(f"{field}: {reference!r} is not callable.", field=field)
     return target

@@ -11,6 +11,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from .db import optuna_engine_kwargs
 from .schemas import TrialPublic
 
 
@@ -34,7 +35,8 @@ class Studies:
     def storage(self) -> optuna.storages.RDBStorage:
         with self._lock:
             if self._storage is None:
-                self._storage = optuna.storages.RDBStorage(self.url, skip_compatibility_check=True, skip_table_creation=True)
+                self._storage = optuna.storages.RDBStorage(self.url, engine_kwargs=optuna_engine_kwargs(self.url),
+                                                           skip_compatibility_check=True, skip_table_creation=True)
             return self._storage
 
     def _study_id(self, job_id: int) -> int | None:

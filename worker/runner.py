@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 import tuner
+from api.db import optuna_engine_kwargs
 from api.references import resolve
 from api.settings import Settings
 from api.studies import study_name
@@ -167,7 +168,8 @@ class JobRun:
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         # trial heartbeats: a trial left RUNNING by a dead worker is failed (and retried) after the grace period
         self._storage = optuna.storages.RDBStorage(
-            self.settings.db_url, skip_compatibility_check=True, skip_table_creation=True,
+            self.settings.db_url, engine_kwargs=optuna_engine_kwargs(self.settings.db_url),
+            skip_compatibility_check=True, skip_table_creation=True,
             heartbeat_interval=self.settings.trial_heartbeat_seconds, grace_period=self.settings.trial_grace_seconds)
         try:
             return self._run(job.spec, workdir)

@@ -92,6 +92,18 @@ def poll(client: httpx.Client, job_id: int, procs: Processes, until, timeout: fl
         time.sleep(0.5)
 
 
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def submit(client: httpx.Client, spec: dict) -> int:
     response = client.post("/v1/jobs", files={"spec": (None, json.dumps(spec))})
     assert response.status_code == 201, response.text
@@ -118,8 +130,12 @@ def test_serve_runs_a_submitted_job_to_completion(processes: Processes, tmp_path
         model = client.get(f"/v1/jobs/{job_id}/artifacts/model.onnx")
         assert model.status_code == 200 and len(model.content) > 1000
         assert client.get(f"/v1/jobs/{job_id}/report").json()["score"] == job["score"]
+    workers = children_of(serve.pid)
+    assert len(workers) == 1
     serve.send_signal(signal.SIGTERM)  # stops the API and its worker
     assert serve.wait(60) == 0, processes.logs()
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists() or "(Z)" in Path(f"/proc/{pid}/stat").read_text(), "worker left running"
 
 
 @pytest.mark.postgres

@@ -126,3 +126,25 @@ def test_uploaded_export_archive_becomes_the_model(service: TestClient, tmp_path
         assert torch.allclose(inputs.model(batch), model(batch), atol=1e-5)
     assert inputs.evaluate(inputs.model) == 100.0  # agreement of the FP32 model with itself
     assert len(inputs.calibration) == 1 and torch.equal(inputs.calibration[0], read_tensors(files["calibration_file"], field="c")["input"])
+
+
+@SQLITE
+def test_deleting_a_running_job_stops_its_worker(service: TestClient, wait_until, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("QT_TEST_EVAL_SLEEP", "0.6")
+    job_id = submit(service, {"model": "tuner.examples.digits:build_model",
+                              "calibration": "tuner.examples.digits:calibration_data",
+                              "evaluate": "qt_usercode.evals:slow", "space": NAIVE})
+    worker = Worker(service.settings)
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(worker.run_once()))
+    thread.start()
+    wait_until(lambda: service.get(f"/v1/jobs/{job_id}").json()["progress"]["trials"] >= 1, 120, message="a trial")
+    assert service.delete(f"/v1/jobs/{job_id}").status_code == 204
+    thread.join(60)
+    assert not thread.is_alive() and outcome[0] in ("released", "lost")
+    assert service.get(f"/v1/jobs/{job_id}").status_code == 404
+    assert service.get("/v1/jobs").json()["count"] == 0
+    import optuna
+
+    assert all(s.study_name != f"job-{job_id}" for s in optuna.get_all_study_summaries(service.settings.db_url))
+    assert worker.run_once() is None  # nothing left to claim
