@@ -1,7 +1,8 @@
 """Tokens (stored as SHA-256, never in clear) and the one auth dependency every route uses.
 
 `current_owner` asks each source in `app.state.auth_sources` for a raw token; `create_app`
-installs the bearer header; the dashboard appends its cookie session source."""
+installs the bearer header; the dashboard appends its cookie session source, which verifies its
+signed session itself and answers with the `Token` row instead of a raw token."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from .models import Token
 
 log = logging.getLogger("quanttune.auth")
 TOKEN_PREFIX = "qt_"
-AuthSource = Callable[[Request], "str | None"]
+AuthSource = Callable[[Request], "str | Token | None"]  # a raw token, or an owner the source verified
 
 
 def hash_token(raw: str) -> str:
@@ -56,6 +57,8 @@ def current_owner(request: Request) -> Token:
         raw = source(request)
         if raw:
             break
+    if isinstance(raw, Token):  # already verified by its source (the dashboard's signed cookie session)
+        return raw
     if not raw:
         log.info("auth failed: no token on %s %s from %s", request.method, request.url.path, _client(request))
         raise Unauthorized("authentication required: send 'Authorization: Bearer <token>'.")
