@@ -14,6 +14,8 @@ from .errors import (
 )
 from .exported import InvalidArchiveError, export_model, load_exported
 from .histogram import METHODS, TensorStats
+from .onnx_export import ExportError, export_onnx
+from .onnx_runtime import load_onnx
 from .plan import FP32, LayerConfig, Plan
 from .qmodules import QuantizedLayer, apply_plan
 from .report import LayerReport, layer_report
@@ -26,6 +28,7 @@ __all__ = [
     "Calibration",
     "CalibrationError",
     "EvaluationError",
+    "ExportError",
     "InvalidArchiveError",
     "InvalidArgumentError",
     "InvalidPlanError",
@@ -40,8 +43,10 @@ __all__ = [
     "apply_plan",
     "calibrate",
     "export_model",
+    "export_onnx",
     "layer_report",
     "load_exported",
+    "load_onnx",
     "quantizable_layers",
     "tune",
 ]

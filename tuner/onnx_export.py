@@ -4,27 +4,30 @@
 
 Every INT8 layer of the plan becomes, in the graph:
 
-    x ──[Div by the SmoothQuant factors]── QuantizeLinear(s, z) ── DequantizeLinear(s, z) ──┐
-    weight (int8 initializer) ── DequantizeLinear(per-channel scales, axis) ──────────────── Conv / MatMul (+ Add bias)
+    x ─[Div by SmoothQuant factors]─ QuantizeLinear(s, z) ─[Clip -127..127]─ DequantizeLinear(s, z) ─┐
+    int8 weight ─ DequantizeLinear(scales, zero points, axis) ─────────── Conv / Gemm / MatMul ─ (Add bias)
 
-with the activation scale and zero point the calibration chose and the weight codes the
-simulation (`apply_plan`) computes with, so ONNX Runtime runs the numbers we measured. Nothing is
-re-calibrated. FP32 layers keep float weights and float inputs. A Linear layer is exported as
-MatMul on the transposed int8 weight (axis 1) plus Add, the form ONNX Runtime fuses into
-`MatMulIntegerToFloat`; a Conv whose output is quantized by the next INT8 layer (directly or through
-ReLU, max-pooling or reshapes) is fused into `QLinearConv`.
+with the input scale and zero point the calibration chose (`Calibration.activation_qparams`) and
+the weight codes the simulation (`apply_plan`) computes with, so that ONNX Runtime runs the numbers
+we measured; nothing is re-calibrated. The optional nodes appear for smoothed layers and for
+symmetric inputs (QuantizeLinear saturates at -128, our symmetric INT8 at -127). FP32 layers keep
+float weights and float inputs.
 
-The graph is produced by the torch.export-based exporter (`torch.onnx.export(dynamo=True)`);
-two custom ops carry the quantization through tracing and are translated to
-QuantizeLinear/DequantizeLinear. The batch dimension (and any dimension that varies between
-calibration batches, e.g. sequence length) is dynamic. What `load_onnx` needs to call the file like
-the original model (input names, positional or keyword, output structure) is stored in the
+The forms are the ones ONNX Runtime's QDQ fusion turns into INT8 kernels: a Conv whose output is
+quantized by the next INT8 layer (directly or through ReLU, max-pooling and reshapes) becomes
+`QLinearConv`; a Linear on 2-D inputs is a Gemm (-> `QGemm`, float output), on 3-D+ inputs a MatMul
+on the transposed weight (-> `MatMulIntegerToFloat`), the bias added after in float.
+
+The graph comes from the torch.export-based exporter (`torch.onnx.export(dynamo=True)`); two
+custom ops carry the quantization through tracing and are translated to QuantizeLinear and
+DequantizeLinear. Every input dimension the model allows is dynamic (batch, sequence length,
+image size). What `load_onnx` needs to call the file like the original model (input names,
+positional or keyword, output structure) and the per-layer quantization nodes are stored in the
 model's metadata under the key "quanttune".
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import pathlib
@@ -74,7 +77,9 @@ def _ops() -> dict[str, Any]:
         return torch.empty_like(x)
 
     @torch.library.custom_op("quanttune::dequantize_weight", mutates_args=())
-    def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
+    def dequantize_weight(
+        codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int
+    ) -> torch.Tensor:
         if scale.dim():
             shape = [1] * codes.dim()
             shape[axis] = -1
@@ -103,7 +108,8 @@ def _translations() -> dict[Any, Any]:
         q = op.QuantizeLinear(x, s, z)
         full = (-128, 127) if qmin < 0 else (0, 255)
         if (qmin, qmax) != full:  # symmetric INT8 uses [-127, 127]; QuantizeLinear saturates at -128
-            q = op.Clip(q, op.Constant(value=ir.tensor(qmin, dtype=dtype)), op.Constant(value=ir.tensor(qmax, dtype=dtype)))
+            low, high = ir.tensor(qmin, dtype=dtype), ir.tensor(qmax, dtype=dtype)
+            q = op.Clip(q, op.Constant(value=low), op.Constant(value=high))
         return op.DequantizeLinear(q, s, z)
 
     def dequantize_weight(codes, scale, zero_point, axis: int):
@@ -142,7 +148,8 @@ class _ExportLayer(nn.Module):
         if not self.linear:  # the convolution's hyperparameters, for the functional form
             self.conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
             self.conv_fn = (F.conv1d, F.conv2d, F.conv3d)[layer.weight.dim() - 3]
-            self.pad = None if layer.padding_mode == "zeros" else (layer._reversed_padding_repeated_twice, layer.padding_mode)
+            mode = layer.padding_mode
+            self.pad = None if mode == "zeros" else (layer._reversed_padding_repeated_twice, mode)
         self.scale = float(act.scale)
         self.zero_point = int(act.zero_point)
         self.qmin, self.qmax = act.qmin, act.qmax
@@ -221,7 +228,9 @@ def _example_tensors(spec: InputSpec, example: Any) -> list[torch.Tensor]:
     tensors = spec.tensors_of(example)
     for name, t in zip(spec.tensors, tensors):
         if not isinstance(t, torch.Tensor):
-            raise InvalidArgumentError(f"input {name!r} of the example batch must be a tensor, but got {type(t).__name__}.")
+            raise InvalidArgumentError(
+                f"input {name!r} of the example batch must be a tensor, but got {type(t).__name__}."
+            )
     n = batch_size(example)
     if n == 1:  # torch.export specialises size-1 dimensions: show it a batch of 2
         tensors = [torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t for t in tensors]
@@ -313,7 +322,7 @@ def export_onnx(
         "layers": layers,
     }
     entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(meta)
+    entry.key, entry.value = METADATA_KEY, json.dumps(meta, separators=(",", ":"))
     proto.producer_name = "quanttune"
     path.parent.mkdir(parents=True, exist_ok=True)
     if proto.ByteSize() >= _TWO_GB:

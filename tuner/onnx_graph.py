@@ -10,11 +10,11 @@ import onnx
 from onnx import numpy_helper
 
 from .calibrate import Calibration
-from .errors import QuanttuneError
+from .onnx_export import ExportError
 from .plan import Plan
 
 
-class GraphError(QuanttuneError):
+class GraphError(ExportError):
     """The exported graph does not have the structure the plan asks for."""
 
 
@@ -46,15 +46,16 @@ def _rename_tensors(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
 
 def strip_exporter_metadata(proto: onnx.ModelProto, prefix: str = "") -> None:
     """Drop the exporter's per-node debugging metadata (stack traces, FX nodes: large, and they
-    leak local paths) and strip `prefix` from initializer names, so that they read like the
-    model's parameters (`conv1.weight`)."""
+    leak local paths) and intermediate shape annotations, and strip `prefix` from initializer
+    names, so that they read like the model's parameters (`conv1.weight`)."""
     graph = proto.graph
     for node in graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
-    for collection in (graph.input, graph.output, graph.value_info, graph.initializer):
+    for collection in (graph.input, graph.output, graph.initializer):
         for item in collection:
             del item.metadata_props[:]
+    del graph.value_info[:]  # intermediate shapes: ONNX Runtime infers them; they only add bytes
     if prefix:
         taken = {init.name for init in graph.initializer}
         renames = {}
@@ -63,11 +64,6 @@ def strip_exporter_metadata(proto: onnx.ModelProto, prefix: str = "") -> None:
             if init.name.startswith(prefix) and new not in taken:
                 renames[init.name] = new
         _rename_tensors(graph, renames)
-
-
-def _only(nodes: list[onnx.NodeProto], op_type: str) -> onnx.NodeProto | None:
-    matches = [n for n in nodes if n.op_type == op_type]
-    return matches[0] if len(matches) == 1 else None
 
 
 def _scalar(index: _Index, name: str) -> float | int | None:
@@ -88,52 +84,57 @@ def annotate_layers(proto: onnx.ModelProto, plan: Plan, calibration: Calibration
     and its input through QuantizeLinear -> DequantizeLinear; an FP32 layer must keep a float
     weight. Raises `GraphError` otherwise (that would be an exporter change, not a user error).
     """
-    graph = proto.graph
-    index = _Index(graph)
+    index = _Index(proto.graph)
     layers: dict[str, dict[str, Any]] = {}
     for name in calibration.layers:
-        config = plan.config(name)
         weight = index.initializers.get(f"{name}.weight")
-        if not config.int8:
-            if weight is not None and weight.data_type != onnx.TensorProto.FLOAT:
-                raise GraphError(f"FP32 layer {name!r} has a {onnx.TensorProto.DataType.Name(weight.data_type)} weight.")
-            layers[name] = {"precision": "fp32"}
-            continue
-        if weight is None or weight.data_type != onnx.TensorProto.INT8:
-            raise GraphError(f"INT8 layer {name!r} has no int8 weight initializer {name + '.weight'!r} in the graph.")
-        weight_dq = _only(index.consumers[weight.name], "DequantizeLinear")
-        compute = [n for n in index.consumers[weight_dq.output[0]]] if weight_dq is not None else []
-        if weight_dq is None or len(compute) != 1 or compute[0].op_type not in ("Conv", "MatMul", "Gemm"):
-            raise GraphError(f"INT8 layer {name!r}: its weight does not reach one Conv/Gemm/MatMul through DequantizeLinear.")
-        compute = compute[0]
-        input_dq = index.producer.get(compute.input[0])
-        codes_node = index.producer.get(input_dq.input[0]) if input_dq is not None else None
-        quantize = index.producer.get(codes_node.input[0]) if codes_node is not None and codes_node.op_type == "Clip" else codes_node
-        if input_dq is None or input_dq.op_type != "DequantizeLinear" or quantize is None or quantize.op_type != "QuantizeLinear":
-            raise GraphError(f"INT8 layer {name!r}: its input is not quantized by QuantizeLinear -> DequantizeLinear.")
-        roles = [(quantize, "input_quantize"), (input_dq, "input_dequantize"), (weight_dq, "weight_dequantize"),
-                 (compute, compute.op_type)]
-        if codes_node is not quantize:
-            roles.append((codes_node, "input_clip"))
-        smooth = index.producer.get(quantize.input[0])  # SmoothQuant: Div by the per-channel factors
-        if plan.layers[name].smooth and smooth is not None and smooth.op_type == "Div" and smooth.input[1] in index.initializers:
-            roles.append((smooth, "input_smooth"))
+        if plan.config(name).int8:
+            layers[name] = _int8_layer(index, name, weight, smoothed=bool(plan.config(name).smooth), named=layers)
+        elif weight is not None and weight.data_type != onnx.TensorProto.FLOAT:
+            raise GraphError(f"FP32 layer {name!r} has a {onnx.TensorProto.DataType.Name(weight.data_type)} weight.")
         else:
-            smooth = None
-        for node, role in roles:
-            if not node.name.startswith(tuple(f"{n}/" for n in layers)):  # shared input QDQ keeps its first name
-                node.name = f"{name}/{role}"
-        axis = next((a.i for a in weight_dq.attribute if a.name == "axis"), 1)
-        layers[name] = {
-            "precision": "int8",
-            "op": compute.op_type,
-            "weight": weight.name,
-            "weight_axis": axis if len(weight_dq.input) > 1 and _scalar(index, weight_dq.input[1]) is None else None,
-            "input": smooth.input[0] if smooth is not None else quantize.input[0],
-            "input_divisor": smooth.input[1] if smooth is not None else None,
-            "input_codes": codes_node.output[0],
-            "input_scale": _scalar(index, quantize.input[1]),
-            "input_zero_point": _scalar(index, quantize.input[2]),
-        }
+            layers[name] = {"precision": "fp32"}
     return layers
 
+
+def _int8_layer(index: _Index, name: str, weight: Any, smoothed: bool, named: dict[str, Any]) -> dict[str, Any]:
+    """Check one INT8 layer's nodes, name them `<layer>/<role>`, and describe them."""
+    if weight is None or weight.data_type != onnx.TensorProto.INT8:
+        raise GraphError(f"INT8 layer {name!r} has no int8 weight initializer {name + '.weight'!r} in the graph.")
+    # a layer called more than once dequantizes its weight once per call: the first describes it
+    weight_dq = next((n for n in index.consumers[weight.name] if n.op_type == "DequantizeLinear"), None)
+    compute = index.consumers[weight_dq.output[0]] if weight_dq is not None else []
+    if len(compute) != 1 or compute[0].op_type not in ("Conv", "MatMul", "Gemm"):
+        raise GraphError(f"INT8 layer {name!r}: its weight does not reach one Conv/Gemm/MatMul through DequantizeLinear.")
+    compute = compute[0]
+    input_dq = index.producer.get(compute.input[0])
+    codes = index.producer.get(input_dq.input[0]) if input_dq is not None else None
+    quantize = index.producer.get(codes.input[0]) if codes is not None and codes.op_type == "Clip" else codes
+    ops = (getattr(input_dq, "op_type", None), getattr(quantize, "op_type", None))
+    if ops != ("DequantizeLinear", "QuantizeLinear"):
+        raise GraphError(f"INT8 layer {name!r}: its input is not quantized by QuantizeLinear -> DequantizeLinear.")
+    roles = [(quantize, "input_quantize"), (input_dq, "input_dequantize"), (weight_dq, "weight_dequantize"),
+             (compute, compute.op_type)]
+    if codes is not quantize:
+        roles.append((codes, "input_clip"))
+    smooth = index.producer.get(quantize.input[0])  # SmoothQuant: Div by the per-channel factors
+    if smoothed and smooth is not None and smooth.op_type == "Div" and smooth.input[1] in index.initializers:
+        roles.append((smooth, "input_smooth"))
+    else:
+        smooth = None
+    taken = tuple(f"{n}/" for n in named)
+    for node, role in roles:
+        if not node.name.startswith(taken):  # an input QDQ shared by several layers keeps the first name
+            node.name = f"{name}/{role}"
+    per_channel = len(weight_dq.input) > 1 and _scalar(index, weight_dq.input[1]) is None
+    return {
+        "precision": "int8",
+        "op": compute.op_type,
+        "weight": weight.name,
+        "weight_axis": next((a.i for a in weight_dq.attribute if a.name == "axis"), 1) if per_channel else None,
+        "input": smooth.input[0] if smooth is not None else quantize.input[0],
+        "input_divisor": smooth.input[1] if smooth is not None else None,
+        "input_codes": codes.output[0],
+        "input_scale": _scalar(index, quantize.input[1]),
+        "input_zero_point": _scalar(index, quantize.input[2]),
+    }

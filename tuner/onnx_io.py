@@ -96,11 +96,14 @@ class InputSpec:
             values[name] = value
         missing = [n for n in self.tensors if n not in values]
         if missing:
-            raise InvalidArgumentError(f"the exported model needs the inputs {list(self.tensors)}, but {missing} are missing.")
+            raise InvalidArgumentError(
+                f"the exported model needs the inputs {list(self.tensors)}, but {missing} are missing."
+            )
         return [values[name] for name in self.tensors]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "names": list(self.names), "tensors": list(self.tensors), "constants": dict(self.constants)}
+        return {"kind": self.kind, "names": list(self.names), "tensors": list(self.tensors),
+                "constants": dict(self.constants)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> InputSpec:
@@ -138,7 +141,8 @@ def flatten_output(output: Any) -> tuple[list[torch.Tensor], dict[str, Any]]:
             return {"t": "dict", "cls": _class_name(value, dict), "keys": keys, "items": [walk(value[k]) for k in value]}
         if isinstance(value, (tuple, list)):
             cls = _class_name(value, type(value)) if hasattr(value, "_fields") else None  # namedtuple
-            return {"t": type(value).__name__ if cls is None else "namedtuple", "cls": cls, "items": [walk(v) for v in value]}
+            kind = type(value).__name__ if cls is None else "namedtuple"
+            return {"t": kind, "cls": cls, "items": [walk(v) for v in value]}
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             fields = [f.name for f in dataclasses.fields(value)]
             return {"t": "dataclass", "cls": _class_name(value, None), "keys": fields,

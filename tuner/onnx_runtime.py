@@ -14,7 +14,7 @@ import json
 import pathlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -113,16 +113,27 @@ def load_onnx(path: str | pathlib.Path, *, threads: int | None = None) -> OnnxMo
     return OnnxModule(session, metadata, path)
 
 
-def latency(model: Callable[..., Any], batch: Any, *, runs: int = 20, warmup: int = 3) -> dict[str, float]:
-    """Wall-clock seconds of `model` on `batch` (called as `tuner.batches.call_model` does):
-    median, min and mean over `runs` timed calls after `warmup` untimed ones, without autograd."""
+def latency(model: Callable[..., Any] | Mapping[str, Callable[..., Any]], batch: Any, *, runs: int = 20,
+            warmup: int = 3) -> dict[str, Any]:
+    """Wall-clock seconds of `model` on `batch` (called as `tuner.batches.call_model` does), without
+    autograd: median, min and mean over `runs` timed calls after `warmup` untimed ones.
+
+    Given a mapping of name -> model, the models are timed in turns (one call each per round), so
+    that a busy machine slows them alike and their ratios stay meaningful; returns name -> timings.
+    """
     if runs < 1 or warmup < 0:
         raise InvalidArgumentError(f"`runs >= 1` and `warmup >= 0` must hold, but got {runs=} and {warmup=}.")
-    times = []
+    models = dict(model) if isinstance(model, Mapping) else {"model": model}
+    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for i in range(warmup + runs):
-            start = time.perf_counter()
-            call_model(model, batch)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return {"median": statistics.median(times), "min": min(times), "mean": statistics.fmean(times), "runs": runs}
+            for name, m in models.items():
+                start = time.perf_counter()
+                call_model(m, batch)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    stats = {
+        name: {"median": statistics.median(t), "min": min(t), "mean": statistics.fmean(t), "runs": runs}
+        for name, t in times.items()
+    }
+    return stats if isinstance(model, Mapping) else stats["model"]
