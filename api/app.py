@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .auth import bearer_source
+from .dashboard import install_dashboard
 from .db import make_engine, make_sessionmaker
 from .errors import error_response, install_error_handlers
 from .routes import artifacts, health, jobs, trials
@@ -82,5 +83,6 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
     for module in (health, jobs, trials, artifacts):
         v1.include_router(module.router)
     app.include_router(v1)
+    install_dashboard(app)  # /dashboard/ pages + its cookie session as a second auth source
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
     return app

@@ -1,0 +1,483 @@
+// quanttune dashboard: renders the jobs page and a job page from the JSON API (/v1), polling it
+// while jobs run. Plain JS, no build step; plots with the locally served plotly.js.
+"use strict";
+
+(function () {
+  const ACTIVE = new Set(["queued", "running"]);
+  const COLORS = { good: "#1e8e3e", bad: "#c5221f", accent: "#2f6fde", muted: "#6b7383", fp32: "#e8a33d" };
+  const PLOT_CONFIG = { displayModeBar: false, responsive: true };
+
+  // ---------- helpers ----------
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (key === "class") node.className = value;
+      else if (key === "text") node.textContent = value;
+      else node.setAttribute(key, value === true ? "" : String(value));
+    }
+    for (const child of children.flat()) {
+      if (child === null || child === undefined) continue;
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  async function api(path, options) {
+    const init = Object.assign({ credentials: "same-origin" }, options || {});
+    init.headers = Object.assign({ "X-Quanttune-Dashboard": "1", Accept: "application/json" }, init.headers || {});
+    const response = await fetch("/v1" + path, init);
+    if (response.status === 401) {
+      location.href = "/dashboard/login?next=" + encodeURIComponent(location.pathname + location.search);
+      throw new Error("your session ended: log in again");
+    }
+    const body = await response.json().catch(() => null);
+    if (!response.ok) {
+      const error = new Error((body && body.error && body.error.message) || response.statusText);
+      error.status = response.status;
+      throw error;
+    }
+    return body;
+  }
+
+  const isNum = (x) => typeof x === "number" && isFinite(x);
+  const fmtNum = (x, digits = 4) => (isNum(x) ? Number(x.toPrecision(digits)).toString() : "–");
+  const fmtPct = (x, digits = 1) => (isNum(x) ? (100 * x).toFixed(digits) + "%" : "–");
+  const fmtDrop = (job, d) => (isNum(d) ? (job.relative ? (100 * d).toFixed(2) + "%" : fmtNum(d)) : "–");
+  const fmtBytes = (n) => {
+    if (!isNum(n)) return "–";
+    const units = ["B", "KiB", "MiB", "GiB"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+    return (i ? n.toFixed(1) : n) + " " + units[i];
+  };
+  const fmtDuration = (s) => (isNum(s) ? (s < 1 ? (1000 * s).toFixed(0) + " ms" : s < 120 ? s.toFixed(2) + " s" : (s / 60).toFixed(1) + " min") : "–");
+  function fmtAge(iso) {
+    if (!iso) return "–";
+    const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+    if (s < 60) return Math.round(s) + " s ago";
+    if (s < 3600) return Math.round(s / 60) + " min ago";
+    if (s < 86400) return (s / 3600).toFixed(1) + " h ago";
+    return (s / 86400).toFixed(1) + " d ago";
+  }
+  const metBudget = (job, drop) => isNum(drop) && drop <= job.max_drop + 1e-12;
+  const scale = (job) => (job.relative ? 100 : 1); // drops shown in % when relative
+
+  function budgetScore(job) {
+    if (!isNum(job.baseline)) return null;
+    const allowed = job.relative ? job.max_drop * Math.abs(job.baseline) : job.max_drop;
+    return job.higher_is_better ? job.baseline - allowed : job.baseline + allowed;
+  }
+
+  function message(text) {
+    const node = document.getElementById("message");
+    if (!node) return;
+    node.hidden = !text;
+    node.textContent = text || "";
+  }
+
+  function stamp(active) {
+    const node = document.getElementById("updated");
+    if (node) node.textContent = (active ? "live · " : "") + "updated " + new Date().toLocaleTimeString();
+  }
+
+  function badge(status) {
+    return el("span", { class: "badge status-" + status, text: status });
+  }
+
+  function dropCell(job, drop) {
+    if (!isNum(drop)) return el("span", { class: "muted", text: "–" });
+    const ok = metBudget(job, drop);
+    return el("span", { class: ok ? "ok" : "miss", title: ok ? "within the budget" : "over the budget" },
+      fmtDrop(job, drop) + (ok ? " ≤ " : " > ") + fmtDrop(job, job.max_drop));
+  }
+
+  // ---------- jobs page ----------
+  function jobsPage() {
+    const filter = document.getElementById("status-filter");
+    const tbody = document.querySelector("#jobs tbody");
+    let timer = null;
+
+    function row(job) {
+      const p = job.progress;
+      const done = job.status === "succeeded";
+      const score = done ? job.score : p.best_score;
+      const drop = done ? job.drop : p.best_drop;
+      const coverage = done ? job.coverage : p.best_coverage;
+      const progress = el("td", {}, p.trials + (job.max_trials ? " / " + job.max_trials : "") + " trials");
+      if (job.max_trials) {
+        const share = Math.min(1, p.trials / job.max_trials);
+        progress.append(el("div", { class: "bar" }, el("span", { style: "width:" + (100 * share).toFixed(0) + "%" })));
+      }
+      return el("tr", { "data-job-id": job.id, "data-status": job.status },
+        el("td", {}, el("a", { href: "/dashboard/jobs/" + job.id, class: "job-link" }, "#" + job.id + " " + job.name)),
+        el("td", {}, badge(job.status)),
+        progress,
+        el("td", { class: "num" }, fmtNum(job.baseline)),
+        el("td", { class: "num" }, fmtNum(score)),
+        el("td", { class: "num" }, dropCell(job, drop)),
+        el("td", { class: "num" }, fmtPct(coverage)),
+        el("td", { class: "num" }, String(p.evaluations)),
+        el("td", { class: "num" }, String(job.workers)),
+        el("td", { title: job.created_at }, fmtAge(job.created_at)));
+    }
+
+    async function refresh() {
+      clearTimeout(timer);
+      let active = false;
+      try {
+        const status = filter.value;
+        const page = await api("/jobs?limit=200" + (status ? "&status=" + encodeURIComponent(status) : ""));
+        active = page.data.some((job) => ACTIVE.has(job.status));
+        const rows = page.data.map(row);
+        if (!rows.length) rows.push(el("tr", { class: "empty" }, el("td", { colspan: 10 }, status ? "No " + status + " jobs." : "No jobs yet.")));
+        if (page.count > page.data.length) rows.push(el("tr", { class: "empty" }, el("td", { colspan: 10 }, "Showing the newest " + page.data.length + " of " + page.count + " jobs.")));
+        tbody.replaceChildren(...rows);
+        message(null);
+        stamp(active);
+      } catch (error) {
+        message("Could not load the jobs: " + error.message);
+      }
+      timer = setTimeout(refresh, active ? 2000 : 10000);
+    }
+
+    filter.addEventListener("change", () => {
+      const url = new URL(location.href);
+      if (filter.value) url.searchParams.set("status", filter.value);
+      else url.searchParams.delete("status");
+      history.replaceState(null, "", url);
+      refresh();
+    });
+    refresh();
+  }
+
+  // ---------- job page ----------
+  function jobPage() {
+    let job = JSON.parse(document.getElementById("job-data").textContent);
+    let trials = [];
+    let ledger = { layers: [], ledger: null };
+    let report = null;
+    let artifacts = null;
+    let timer = null;
+    const sort = { key: "number", dir: 1 };
+
+    async function allTrials() {
+      const found = [];
+      for (let offset = 0; ; offset += 1000) {
+        const page = await api("/jobs/" + job.id + "/trials?limit=1000&offset=" + offset);
+        found.push(...page.data);
+        if (found.length >= page.count || !page.data.length) return found;
+      }
+    }
+
+    function bestTrial() {
+      const score = job.status === "succeeded" ? job.score : job.progress.best_score;
+      const coverage = job.status === "succeeded" ? job.coverage : job.progress.best_coverage;
+      if (!isNum(score)) return null;
+      const same = trials.filter((t) => t.state === "COMPLETE" && t.score === score && isNum(t.coverage) &&
+        (!isNum(coverage) || Math.abs(t.coverage - coverage) < 1e-9));
+      return same.length ? same[0].number : null;
+    }
+
+    // summary cards
+    function renderSummary() {
+      document.getElementById("job-name").textContent = job.name;
+      const status = document.getElementById("job-status");
+      status.textContent = job.status;
+      status.className = "badge status-" + job.status;
+      document.getElementById("cancel-button").hidden = !ACTIVE.has(job.status);
+      const reason = document.getElementById("job-reason");
+      const why = job.error || job.reason;
+      reason.hidden = !why;
+      reason.textContent = why ? (job.error ? "Failed: " : "") + why : "";
+
+      const done = job.status === "succeeded";
+      const p = job.progress;
+      const drop = done ? job.drop : p.best_drop;
+      const cards = [
+        ["Baseline (FP32)", fmtNum(job.baseline), job.higher_is_better ? "higher is better" : "lower is better"],
+        [done ? "Score (INT8 plan)" : "Best score so far", fmtNum(done ? job.score : p.best_score), null],
+        ["Drop vs budget", dropCell(job, drop), (job.relative ? "relative" : "absolute") + " budget " + fmtDrop(job, job.max_drop)],
+        ["INT8 coverage", fmtPct(done ? job.coverage : p.best_coverage), "share of MACs"],
+        ["Trials", p.trials + (job.max_trials ? " / " + job.max_trials : ""), job.workers + " worker(s) now"],
+        ["Evaluations", String(p.evaluations), "calls of the evaluation"],
+        ["Deployed score", fmtNum(job.deployed_score), "ONNX Runtime, INT8"],
+        ["Age", fmtAge(job.created_at), job.finished_at ? "finished " + fmtAge(job.finished_at) : job.started_at ? "started " + fmtAge(job.started_at) : "not started"],
+      ];
+      document.getElementById("summary").replaceChildren(...cards.map(([label, value, sub]) =>
+        el("div", { class: "stat" }, el("div", { class: "label", text: label }), el("div", { class: "value" }, value),
+          sub ? el("div", { class: "sub", text: sub }) : null)));
+    }
+
+    function renderPlan() {
+      const box = document.getElementById("plan-settings");
+      const deployed = document.getElementById("deployed");
+      if (!report) return;
+      const layers = (report.plan && report.plan.layers) || {};
+      const groups = new Map();
+      for (const [name, config] of Object.entries(layers)) {
+        if (config.precision !== "int8") continue;
+        const key = [config.activation, config.scheme, config.weights].filter(Boolean).join(" · ") +
+          (config.smooth ? " · smooth " + config.smooth : "");
+        if (!groups.has(key)) groups.set(key, []);
+        groups.get(key).push(name);
+      }
+      const list = el("dl", { class: "kv", id: "plan-groups" });
+      for (const [key, names] of groups) list.append(el("dt", {}, key), el("dd", {}, names.join(", ")));
+      const fp32 = report.fp32_layers || [];
+      list.append(el("dt", {}, "FP32"), el("dd", {}, fp32.length ? fp32.join(", ") : "none"));
+      box.replaceChildren(
+        el("p", { class: "muted small" }, "Calibration (activation range) · scheme · weight granularity, per INT8 layer:"),
+        list,
+        el("p", { class: "small" }, (report.int8_layers || []).length + " of " + Object.keys(layers).length + " layers INT8" +
+          (job.space ? " · search space " + JSON.stringify(job.space) : "")));
+      const c = report.coverage || {};
+      const onnx = artifacts && artifacts.data.find((a) => a.name === "model.onnx");
+      deployed.replaceChildren(el("dl", { class: "kv", id: "deployed-figures" },
+        el("dt", {}, "Score on ONNX Runtime"), el("dd", {}, fmtNum(report.deployed_score) +
+          (isNum(report.deployed_drop) ? " (drop " + fmtDrop(job, report.deployed_drop) + ")" : "")),
+        el("dt", {}, "Simulated INT8 score"), el("dd", {}, fmtNum(report.score)),
+        el("dt", {}, "Weights FP32 → plan"), el("dd", {}, fmtBytes(c.fp32_bytes) + " → " + fmtBytes(c.int8_bytes) +
+          (isNum(c.fp32_bytes) && c.int8_bytes ? " (" + (c.fp32_bytes / c.int8_bytes).toFixed(2) + "× smaller)" : "")),
+        el("dt", {}, "model.onnx"), el("dd", {}, onnx ? fmtBytes(onnx.size) : "–"),
+        el("dt", {}, "INT8 share"), el("dd", {}, fmtPct(c.macs) + " of MACs, " + fmtPct(c.params) + " of parameters"),
+        el("dt", {}, "Search time"), el("dd", {}, report.seconds ? fmtDuration(report.seconds.total) : "–")));
+    }
+
+    function renderArtifacts() {
+      const list = document.getElementById("artifacts");
+      if (!artifacts || !artifacts.data.length) return;
+      list.replaceChildren(...artifacts.data.map((a) => el("li", {},
+        el("a", { href: "/v1/jobs/" + job.id + "/artifacts/" + encodeURIComponent(a.name), download: a.name, class: "artifact" }, a.name),
+        el("span", { class: "muted small", title: "sha256 " + a.sha256 }, " " + fmtBytes(a.size)))));
+    }
+
+    // trials table (sortable)
+    function trialValue(t, key) {
+      const v = t[key];
+      return v === null || v === undefined ? null : v;
+    }
+
+    function renderTrials() {
+      const best = bestTrial();
+      const rows = trials.slice().sort((a, b) => {
+        const x = trialValue(a, sort.key), y = trialValue(b, sort.key);
+        if (x === null && y === null) return a.number - b.number;
+        if (x === null) return 1;
+        if (y === null) return -1;
+        if (x < y) return -sort.dir;
+        if (x > y) return sort.dir;
+        return a.number - b.number;
+      }).map((t) => el("tr", { "data-trial": t.number, class: t.number === best ? "best" : null, title: t.error || null },
+        el("td", { class: "num" }, String(t.number), t.duplicate_of !== null ? el("span", { class: "muted small", title: "repeated the plan of trial " + t.duplicate_of + ": not evaluated again" }, " = #" + t.duplicate_of) : null),
+        el("td", { class: "state-" + t.state }, t.state),
+        el("td", {}, t.summary || "–", t.error ? el("div", { class: "miss small" }, t.error) : null),
+        el("td", { class: "num" }, fmtNum(t.score)),
+        el("td", { class: "num" }, dropCell(job, t.drop)),
+        el("td", { class: "num" }, fmtPct(t.coverage)),
+        el("td", { class: "num" }, fmtDuration(t.duration_s))));
+      const tbody = document.querySelector("#trials tbody");
+      if (!rows.length) rows.push(el("tr", { class: "empty" }, el("td", { colspan: 7 }, "No trials yet.")));
+      tbody.replaceChildren(...rows);
+      document.getElementById("trial-count").textContent = trials.length ? "(" + trials.length + ")" : "";
+      for (const th of document.querySelectorAll("#trials th[data-key]")) {
+        th.setAttribute("aria-sort", th.dataset.key === sort.key ? (sort.dir > 0 ? "ascending" : "descending") : "none");
+      }
+    }
+
+    // plots
+    function lineShape(y, color, dash) {
+      return { type: "line", xref: "paper", x0: 0, x1: 1, yref: "y", y0: y, y1: y, line: { color, width: 1.5, dash } };
+    }
+    function label(y, text, color) {
+      return { xref: "paper", x: 1, xanchor: "right", yref: "y", y, yanchor: "bottom", text, showarrow: false, font: { size: 11, color } };
+    }
+    const layoutBase = () => ({ margin: { l: 56, r: 14, t: 10, b: 44 }, showlegend: false, hovermode: "closest",
+      paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "#fbfcfd", font: { size: 12 } });
+
+    function plotScore() {
+      const scored = trials.filter((t) => isNum(t.score));
+      const best = bestTrial();
+      const trace = {
+        type: "scatter", mode: "markers", name: "trials",
+        x: scored.map((t) => t.number), y: scored.map((t) => t.score), text: scored.map((t) => t.summary || ""),
+        marker: { size: 9, color: scored.map((t) => (metBudget(job, t.drop) ? COLORS.good : COLORS.bad)),
+          line: { color: "#111", width: scored.map((t) => (t.number === best ? 2.5 : 0)) } },
+        hovertemplate: "trial %{x}<br>score %{y:.4g}<br>%{text}<extra></extra>",
+      };
+      const layout = layoutBase();
+      layout.xaxis = { title: { text: "trial" }, zeroline: false };
+      layout.yaxis = { title: { text: "score" } };
+      layout.shapes = [];
+      layout.annotations = [];
+      if (isNum(job.baseline)) {
+        layout.shapes.push(lineShape(job.baseline, COLORS.muted, "dash"));
+        layout.annotations.push(label(job.baseline, "FP32 baseline " + fmtNum(job.baseline), COLORS.muted));
+        const limit = budgetScore(job);
+        layout.shapes.push(lineShape(limit, COLORS.bad, "dot"));
+        layout.annotations.push(label(limit, "budget " + fmtNum(limit), COLORS.bad));
+      }
+      Plotly.react("plot-score", [trace], layout, PLOT_CONFIG);
+    }
+
+    function frontier(points) {
+      // the best plans: no other plan has at least as much INT8 coverage with a smaller drop
+      const sorted = points.slice().sort((a, b) => b.coverage - a.coverage || a.drop - b.drop);
+      const front = [];
+      let lowest = Infinity;
+      for (const p of sorted) if (p.drop < lowest) { front.push(p); lowest = p.drop; }
+      return front.reverse();
+    }
+
+    function plotDrop() {
+      const k = scale(job);
+      const points = trials.filter((t) => isNum(t.drop) && isNum(t.coverage));
+      const front = frontier(points);
+      const trace = {
+        type: "scatter", mode: "markers", name: "trials",
+        x: points.map((t) => 100 * t.coverage), y: points.map((t) => k * t.drop),
+        text: points.map((t) => "trial " + t.number + "<br>" + (t.summary || "")),
+        marker: { size: 9, color: points.map((t) => (metBudget(job, t.drop) ? COLORS.good : COLORS.bad)), opacity: 0.85 },
+        hovertemplate: "%{text}<br>INT8 %{x:.1f}% of MACs<br>drop %{y:.3g}" + (job.relative ? "%" : "") + "<extra></extra>",
+      };
+      const line = {
+        type: "scatter", mode: "lines", name: "frontier", hoverinfo: "skip",
+        x: front.map((t) => 100 * t.coverage), y: front.map((t) => k * t.drop),
+        line: { color: COLORS.accent, width: 1.5, shape: "vh" },
+      };
+      const layout = layoutBase();
+      layout.xaxis = { title: { text: "INT8 coverage (% of MACs)" }, range: [-4, 104] };
+      layout.yaxis = { title: { text: "drop" + (job.relative ? " (%)" : "") }, rangemode: "tozero" };
+      layout.shapes = [lineShape(k * job.max_drop, COLORS.bad, "dot")];
+      layout.annotations = [label(k * job.max_drop, "budget " + fmtDrop(job, job.max_drop), COLORS.bad)];
+      Plotly.react("plot-drop", [line, trace], layout, PLOT_CONFIG);
+    }
+
+    function plotSqnr() {
+      const data = ledger.ledger;
+      const node = document.getElementById("plot-sqnr");
+      if (!data) {
+        node.replaceChildren(el("p", { class: "muted" }, "The per-setting errors appear once the job succeeded."));
+        node.classList.remove("tall");
+        return;
+      }
+      node.classList.add("tall");
+      const layers = ledger.layers.filter((name) => data[name]);
+      const settings = [];
+      for (const name of layers) for (const s of Object.keys(data[name].sqnr_db || {})) if (!settings.includes(s)) settings.push(s);
+      const chosen = (name) => {
+        const d = data[name].decision || "";
+        return d.startsWith("int8 ") ? d.slice(5) : null;
+      };
+      const traces = settings.map((setting) => {
+        const xs = layers.filter((name) => isNum(data[name].sqnr_db[setting]));
+        return {
+          type: "bar", name: setting, x: xs, y: xs.map((name) => data[name].sqnr_db[setting]),
+          marker: { line: { color: "#111", width: xs.map((name) => (chosen(name) === setting ? 2 : 0)) } },
+          hovertemplate: "%{x}<br>" + setting + "<br>SQNR %{y:.1f} dB<extra></extra>",
+        };
+      });
+      const layout = layoutBase();
+      layout.barmode = "group";
+      layout.showlegend = settings.length > 1;
+      layout.legend = { orientation: "h", y: 1.12, font: { size: 10 } };
+      layout.xaxis = { title: { text: "layer (outlined: the setting of the chosen plan)" }, type: "category" };
+      layout.yaxis = { title: { text: "output SQNR (dB)" } };
+      if (layout.showlegend) layout.margin.t = 40;
+      Plotly.react("plot-sqnr", traces, layout, PLOT_CONFIG);
+    }
+
+    function renderLedger() {
+      const data = ledger.ledger || {};
+      const tbody = document.querySelector("#ledger tbody");
+      const rows = ledger.layers.map((name) => {
+        const entry = data[name];
+        const decision = entry ? entry.decision : null;
+        const strip = el("div", { class: "strip" }, trials.map((t) => {
+          const planned = t.summary !== null && t.summary !== undefined;
+          const state = planned ? (t.fp32_layers.includes(name) ? "fp32" : "int8") : "none";
+          return el("i", { class: "cell " + state, "data-trial": t.number,
+            title: "trial " + t.number + ": " + (planned ? state.toUpperCase() : "no plan") + (t.state !== "COMPLETE" ? " (" + t.state + ")" : "") });
+        }));
+        return el("tr", { "data-layer": name },
+          el("td", {}, el("code", {}, name)),
+          el("td", { class: decision ? (decision.startsWith("fp32") ? "decision-fp32" : "decision-int8") : "muted" }, decision || "–"),
+          el("td", { class: "num" }, entry && entry.sensitivity_rank !== null ? String(entry.sensitivity_rank) : "–"),
+          el("td", { class: "num" }, entry ? fmtPct(entry.macs_share) : "–"),
+          el("td", { class: "num" }, entry ? fmtNum(entry.best_sqnr_db, 3) : "–"),
+          el("td", {}, strip),
+          el("td", { class: "reason-text" }, entry ? entry.reason : ""));
+      });
+      if (!rows.length) rows.push(el("tr", { class: "empty" }, el("td", { colspan: 7 }, "No layers yet: they are known once the search started.")));
+      tbody.replaceChildren(...rows);
+    }
+
+    function render() {
+      renderSummary();
+      renderPlan();
+      renderArtifacts();
+      renderTrials();
+      renderLedger();
+      if (window.Plotly) {
+        plotScore();
+        plotDrop();
+        plotSqnr();
+      } else {
+        message("plotly.js did not load: the plots are unavailable.");
+      }
+    }
+
+    async function refresh() {
+      clearTimeout(timer);
+      try {
+        [job, trials, ledger] = await Promise.all([api("/jobs/" + job.id), allTrials(), api("/jobs/" + job.id + "/ledger")]);
+        if (job.status === "succeeded" && !report) {
+          [report, artifacts] = await Promise.all([api("/jobs/" + job.id + "/report"), api("/jobs/" + job.id + "/artifacts")]);
+        }
+        message(null);
+      } catch (error) {
+        if (error.status === 404) {
+          message("This job no longer exists.");
+          return;
+        }
+        message("Could not refresh: " + error.message);
+      }
+      render();
+      const active = ACTIVE.has(job.status);
+      stamp(active);
+      document.body.dataset.ready = active ? "live" : "final";
+      if (active) timer = setTimeout(refresh, 2000);
+    }
+
+    for (const th of document.querySelectorAll("#trials th[data-key]")) {
+      th.addEventListener("click", () => {
+        sort.dir = sort.key === th.dataset.key ? -sort.dir : 1;
+        sort.key = th.dataset.key;
+        renderTrials();
+      });
+    }
+
+    const cancel = document.getElementById("cancel-button");
+    cancel.addEventListener("click", async () => {
+      if (!window.confirm("Cancel job #" + job.id + " (" + job.name + ")? Workers stop before their next trial.")) return;
+      cancel.disabled = true;
+      try {
+        job = await api("/jobs/" + job.id + "/cancel", { method: "POST" });
+        message(null);
+      } catch (error) {
+        message("Could not cancel: " + error.message);
+      } finally {
+        cancel.disabled = false;
+      }
+      refresh();
+    });
+
+    refresh();
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    const page = document.body.dataset.page;
+    if (page === "jobs") jobsPage();
+    else if (page === "job") jobPage();
+  });
+})();
