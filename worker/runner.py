@@ -131,8 +131,8 @@ class JobRun:
             from api.models import Job
 
             values["evaluations"] = Job.evaluations + delta
+        values.update(self._study_progress())
         try:
-            values.update(self._study_progress())
             if not self.queue.progress(self.claim, values):
                 self.ended.set()
         except Exception:
@@ -140,6 +140,13 @@ class JobRun:
 
     def _study_progress(self) -> dict[str, Any]:
         """Study-wide figures (all workers): finished trials, and the baseline once known."""
+        try:
+            return self._read_study_progress()
+        except Exception:  # progress is cosmetic: never let it fail a job
+            log.exception("job %s: reading the study's progress failed", self.claim.job_id)
+            return {}
+
+    def _read_study_progress(self) -> dict[str, Any]:
         from optuna.trial import TrialState
 
         study_id = self._storage.get_study_id_from_name(study_name(self.claim.job_id))
@@ -196,7 +203,11 @@ class JobRun:
                 study_name=study_name(job_id), seed=spec.get("seed", 0), space=spec.get("space"), verbose=True,
                 should_stop=self.should_stop, on_trial=self.on_trial,
             )
-        except Exception as exc:
+            if result.stopped or self.lost.is_set() or self.ended.is_set():
+                self.queue.release(self.claim)
+                return "released"
+            artifacts = {name: Path(path).read_bytes() for name, path in result.save(workdir / "out").items()}
+        except Exception as exc:  # the job fails with the reason, unless it was stopped under us
             if self.lost.is_set() or self.ended.is_set() or self.shutdown.is_set():
                 log.info("job %s: stopped (%s: %s)", job_id, type(exc).__name__, exc)
                 self.queue.release(self.claim)
@@ -204,10 +215,6 @@ class JobRun:
             message = str(exc) if isinstance(exc, tuner.QuanttuneError) else f"{type(exc).__name__}: {exc}"
             log.exception("job %s failed", job_id)
             return "failed" if self.queue.finish(self.claim, "failed", {"error": message[:4000]}) else "lost"
-        if result.stopped or self.lost.is_set() or self.ended.is_set():
-            self.queue.release(self.claim)
-            return "released"
-        artifacts = {name: Path(path).read_bytes() for name, path in result.save(workdir / "out").items()}
         extra = result.evaluations - self._evaluations_seen  # e.g. the deployed (ONNX Runtime) check
         from api.models import Job
 
