@@ -34,7 +34,7 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 StudiesDep = Annotated[Studies, Depends(get_studies)]
 
 
-def owned_job(owner: Owner, session: SessionDep, job_id: Annotated[int, Path(ge=1, le=2**62)]) -> Job:
+def owned_job(owner: Owner, session: SessionDep, job_id: Annotated[int, Path(ge=1, le=2**31 - 1)]) -> Job:
     return get_owned(session, owner.id, job_id)
 
 

@@ -64,6 +64,13 @@ class JobCreate(BaseModel):
     def _reference(cls, value: str | None, info: Any) -> str | None:
         return _check_reference(value, f"`{info.field_name}`")
 
+    @field_validator("name")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError("`name` must not contain control characters.")
+        return value
+
     @model_validator(mode="after")
     def _relative_budget(self) -> JobCreate:
         if self.relative and not self.max_drop < 1:

@@ -98,6 +98,7 @@ def test_other_tokens_see_nothing(service: TestClient) -> None:
     assert service.get("/v1/jobs", headers=service.bob).json() == {"data": [], "count": 0}
     assert service.get(f"/v1/jobs/{job_id}", headers=service.alice).json()["status"] == "queued"
     assert_error(service.get("/v1/jobs/999999", headers=service.alice), 404, "not_found")
+    assert_error(service.get(f"/v1/jobs/{2**40}", headers=service.alice), 422, "invalid_input", "path.job_id")
 
 
 def test_cancel_and_delete(service: TestClient) -> None:
@@ -128,6 +129,7 @@ SQLITE_ONLY = pytest.mark.parametrize("migrated_db", ["sqlite"], indirect=True) 
     ({"parallelism": 0}, "spec.parallelism", "invalid_input"),
     ({"surprise": 1}, "spec.surprise", "invalid_input"),
     ({"name": "x" * 201}, "spec.name", "invalid_input"),
+    ({"name": "nul\u0000byte"}, "spec.name", "invalid_input"),
     ({"model": "os:system"}, "spec.model", "disallowed_reference"),
     ({"model": "tuner.examplesevil:build"}, "spec.model", "disallowed_reference"),
     ({"evaluate": "tuner.examples.digits:nothing_here"}, "spec.evaluate", "disallowed_reference"),

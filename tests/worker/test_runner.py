@@ -148,3 +148,27 @@ def test_deleting_a_running_job_stops_its_worker(service: TestClient, wait_until
 
     assert all(s.study_name != f"job-{job_id}" for s in optuna.get_all_study_summaries(service.settings.db_url))
     assert worker.run_once() is None  # nothing left to claim
+
+
+@SQLITE
+def test_shutdown_hands_the_slot_back_after_the_current_trial(service: TestClient, wait_until, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("QT_TEST_EVAL_SLEEP", "0.6")
+    job_id = submit(service, {"model": "tuner.examples.digits:build_model",
+                              "calibration": "tuner.examples.digits:calibration_data",
+                              "evaluate": "qt_usercode.evals:slow", "space": NAIVE})
+    first = Worker(service.settings)
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(first.run_once()))
+    thread.start()
+    wait_until(lambda: service.get(f"/v1/jobs/{job_id}").json()["progress"]["trials"] >= 1, 120, message="a trial")
+    first.shutdown.set()  # what SIGTERM does
+    thread.join(60)
+    assert outcome == ["released"]
+    job = service.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "running" and job["workers"] == 0  # the slot is free at once, no lease to wait for
+    done_before = {t["number"] for t in service.get(f"/v1/jobs/{job_id}/trials", params={"state": "COMPLETE"}).json()["data"]}
+    monkeypatch.setenv("QT_TEST_EVAL_SLEEP", "0")
+    assert Worker(service.settings).run_once() == "succeeded"  # another worker resumes the same study
+    trials = service.get(f"/v1/jobs/{job_id}/trials", params={"state": "COMPLETE"}).json()["data"]
+    assert done_before < {t["number"] for t in trials}
+    assert service.get(f"/v1/jobs/{job_id}").json()["met"]
