@@ -29,7 +29,7 @@ _DEFAULT_NAMES = {"model_file": "model.pt2", "weights_file": "weights.safetensor
 
 
 @router.post("", status_code=201, response_model=JobPublic,
-             responses={**_ERRORS, 413: {"model": ErrorBody}})
+             responses={**_ERRORS, 400: {"model": ErrorBody}, 413: {"model": ErrorBody}})
 async def create(
     owner: Owner,
     session: SessionDep,
