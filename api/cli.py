@@ -10,6 +10,7 @@ app = typer.Typer(help="quanttune: accuracy-aware INT8 quantization tuning.", no
 
 
 def main() -> None:
+    from . import cli_client  # noqa: F401  (submit, jobs, status, trials, report, download, cancel, wait)
     from . import cli_example  # noqa: F401  (registers its commands)
     from . import cli_service  # noqa: F401  (serve, worker, migrate, token)
 
