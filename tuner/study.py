@@ -81,6 +81,8 @@ def stored_outcomes(study: optuna.Study, budget: Budget) -> dict[str, Outcome]:
         key = t.user_attrs.get("plan_key")
         if key is None or t.user_attrs.get("duplicate_of") is not None:
             continue
+        if t.state == TrialState.FAIL and "error" not in t.user_attrs:
+            continue  # interrupted (its worker died): not a verdict on the plan, so it is tried again
         outcome = _outcome(t, budget)
         if key not in found or (found[key].state != "COMPLETE" and outcome.state == "COMPLETE"):
             found[key] = outcome

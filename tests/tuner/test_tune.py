@@ -131,3 +131,21 @@ def test_verbose_prints_one_line_per_trial(digits_model, digits_batches, capsys)
     tune(digits_model, digits_batches, digits.evaluate, verify=False)
     lines = [l for l in capsys.readouterr().out.splitlines() if "trial" in l and "score" in l]
     assert len(lines) == 1 and "drop" in lines[0]
+
+
+def test_a_trial_interrupted_by_a_dead_worker_is_tried_again(tmp_path, digits_model, digits_batches):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    tune(digits_model, digits_batches, digits.evaluate, storage=storage, study_name="s", max_trials=1,
+         verify=False, verbose=False)
+    study = optuna.load_study(study_name="s", storage=storage)
+    # what a worker killed mid-trial leaves behind once its heartbeat goes stale: a FAIL without error
+    first = study.trials[0]
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params=first.params,
+                                              distributions=first.distributions,
+                                              user_attrs={"plan_key": "interrupted-plan"}))
+    evaluate = Counting()
+    result = tune(digits_model, digits_batches, evaluate, storage=storage, study_name="s", verify=False, verbose=False)
+    assert result.met and evaluate.calls == 0  # trial 0 already met; nothing re-run
+    from tuner.study import Budget, stored_outcomes
+    known = stored_outcomes(study, Budget(0.01, True, True))
+    assert "interrupted-plan" not in known  # so a plan it held would be evaluated again
