@@ -100,10 +100,15 @@ def kernel_report(path: pathlib.Path, tmp: pathlib.Path) -> Counter:
 
 
 def layer_bytes(path: pathlib.Path, layers: list[str]) -> int:
-    """Bytes of the named layers' initializers (weights, their scales and zero points, biases)."""
+    """Bytes the named INT8 layers take in the file: int8 weights, their scales and zero points, biases."""
     prefixes = tuple(f"{name}." for name in layers)
     proto = onnx.load(str(path))
     return sum(onnx.numpy_helper.to_array(i).nbytes for i in proto.graph.initializer if i.name.startswith(prefixes))
+
+
+def fp32_layer_bytes(model: nn.Module, layers: list[str]) -> int:
+    """Bytes the named layers' FP32 parameters take (the FP32 export may rename or transpose them)."""
+    return sum(p.numel() * p.element_size() for name in layers for p in model.get_submodule(name).parameters())
 
 
 def run_case(name, model, batches, timing_batch, evaluate, args, tmp: pathlib.Path) -> dict:
@@ -123,7 +128,7 @@ def run_case(name, model, batches, timing_batch, evaluate, args, tmp: pathlib.Pa
         "latency": {},
     }
     row["size_ratio"] = row["int8_bytes"] / row["fp32_bytes"]
-    row["layer_bytes_ratio"] = layer_bytes(int8_path, plan.int8_layers) / layer_bytes(fp32_path, plan.int8_layers)
+    row["layer_bytes_ratio"] = layer_bytes(int8_path, plan.int8_layers) / fp32_layer_bytes(model, plan.int8_layers)
     torch_threads = torch.get_num_threads()
     try:
         for threads in args.threads:
