@@ -1,16 +1,41 @@
+"""`quanttune demo` as a user runs it: a real embedded server (quanttune serve + worker) on a free
+port, the example submitted through the SDK, results written, the server stopped."""
+
 import json
+import re
+import socket
+import sqlite3
+import stat
 import subprocess
 import sys
 
 
-def test_quanttune_demo_tunes_the_example_and_writes_artifacts(tmp_path):
+def test_quanttune_demo_runs_the_service_end_to_end_and_writes_artifacts(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-c", "from api.cli import main; main()", "demo", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "MET" in proc.stdout and "naive INT8" in proc.stdout
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stdout = proc.stdout
+    assert "MET" in stdout and "naive INT8" in stdout and "deployed speed-up" in stdout
+    naive = float(re.search(r"naive INT8 \(per-tensor max\) ([\d.]+)%", stdout).group(1))
+    assert naive < 50  # the example's naive INT8 really breaks the budget
+
     report = json.loads((out / "report.json").read_text())
-    assert report["met"] and report["deployed_score"] is not None
+    assert report["met"] and report["deployed_score"] is not None and report["drop"] <= 0.01
     assert set(report["ledger"]) == {"conv1", "conv2", "fc1", "fc2"}
+    for layer, entry in report["ledger"].items():  # every layer's decision is printed
+        assert re.search(rf"{layer}\s+│[^│]+│\s+{re.escape(entry['decision'])}\s", stdout), layer
     assert (out / "model.onnx").stat().st_size > 0
     assert json.loads((out / "plan.json").read_text())["version"] == 1
+
+    # it went through the service: a job in the embedded server's database, a private token file
+    url = re.search(r"dashboard: (http://127\.0\.0\.1:(\d+))/dashboard/", stdout)
+    assert url, stdout[-2000:]
+    with sqlite3.connect(out / "server" / "quanttune.db") as db:
+        assert db.execute("SELECT name, status, met FROM qt_jobs").fetchall() == [("digits demo", "succeeded", 1)]
+    assert stat.S_IMODE((out / "server" / "demo-token").stat().st_mode) == 0o600
+
+    # and the server was stopped cleanly (serve exits 0 once its worker stopped)
+    assert "server stopped (exit code 0)" in stdout
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", int(url.group(2)))) != 0
