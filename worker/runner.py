@@ -138,19 +138,21 @@ class JobRun:
         except Exception:
             log.exception("job %s: progress update failed", self.claim.job_id)
 
-    def _study_progress(self) -> dict[str, Any]:
-        """Study-wide figures (all workers): finished trials, and the baseline once known."""
+    def _study_progress(self, final: bool = False) -> dict[str, Any]:
+        """Study-wide figures (all workers): finished trials, and the baseline once known. `final`:
+        the job is ending, trials still RUNNING are about to be closed as FAIL and count as finished."""
         try:
-            return self._read_study_progress()
+            return self._read_study_progress(final)
         except Exception:  # progress is cosmetic: never let it fail a job
             log.exception("job %s: reading the study's progress failed", self.claim.job_id)
             return {}
 
-    def _read_study_progress(self) -> dict[str, Any]:
+    def _read_study_progress(self, final: bool) -> dict[str, Any]:
         from optuna.trial import TrialState
 
         study_id = self._storage.get_study_id_from_name(study_name(self.claim.job_id))
-        values: dict[str, Any] = {"trials": self._storage.get_n_trials(study_id, (TrialState.COMPLETE, TrialState.FAIL))}
+        states = (TrialState.COMPLETE, TrialState.FAIL) + ((TrialState.RUNNING,) if final else ())
+        values: dict[str, Any] = {"trials": self._storage.get_n_trials(study_id, states)}
         if not self._baseline_known:
             baseline = self._storage.get_study_user_attrs(study_id).get("baseline")
             if baseline is not None:
@@ -214,7 +216,10 @@ class JobRun:
                 return "released"
             message = str(exc) if isinstance(exc, tuner.QuanttuneError) else f"{type(exc).__name__}: {exc}"
             log.exception("job %s failed", job_id)
-            return "failed" if self.queue.finish(self.claim, "failed", {"error": message[:4000]}) else "lost"
+            if not self.queue.finish(self.claim, "failed", {"error": message[:4000], **self._study_progress(final=True)}):
+                return "lost"
+            self._close_running_trials()
+            return "failed"
         extra = result.evaluations - self._evaluations_seen  # e.g. the deployed (ONNX Runtime) check
         from api.models import Job
 
@@ -223,6 +228,27 @@ class JobRun:
             "coverage": result.coverage.get("macs"), "met": result.met, "deployed_score": result.deployed_score,
             "reason": result.reason, "best_score": result.score, "best_drop": result.drop,
             "best_coverage": result.coverage.get("macs"), "best_met": result.met,
-            "evaluations": Job.evaluations + extra, **self._study_progress(),
+            "evaluations": Job.evaluations + extra, **self._study_progress(final=True),
         }
-        return "succeeded" if self.queue.finish(self.claim, "succeeded", values, artifacts) else "lost"
+        if not self.queue.finish(self.claim, "succeeded", values, artifacts):
+            return "lost"
+        self._close_running_trials()
+        return "succeeded"
+
+    def _close_running_trials(self) -> None:
+        """The job is over: a trial still RUNNING (its worker was killed, or a co-worker is midway)
+        can no longer change the result; mark it FAIL so the study reads as finished."""
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+
+        try:
+            study_id = self._storage.get_study_id_from_name(study_name(self.claim.job_id))
+            for trial in self._storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+                try:
+                    self._storage.set_trial_user_attr(trial._trial_id, "error", "interrupted: the job finished while "
+                                                      "this trial was running (or its worker had stopped)")
+                    self._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                except UpdateFinishedTrialError:
+                    pass  # finished meanwhile by its own worker
+        except Exception:
+            log.exception("job %s: closing running trials failed", self.claim.job_id)

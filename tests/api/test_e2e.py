@@ -172,3 +172,4 @@ def test_two_workers_share_a_job_and_one_is_killed_mid_job(processes: Processes,
         assert job["met"] and job["drop"] <= 0.01 and job["artifacts"]
         assert len([t for t in after.values() if t["state"] == "COMPLETE"]) > len(before)  # the survivor went on
         assert job["progress"]["trials"] == sum(t["state"] in ("COMPLETE", "FAIL") for t in after.values())
+        assert not [t for t in after.values() if t["state"] == "RUNNING"]  # the killed worker's trial is closed
