@@ -65,6 +65,10 @@ def _ops() -> dict[str, Any]:
     """Register (once) `quanttune::quantize_dequantize` and `quanttune::dequantize_weight`."""
     if _OPS:
         return _OPS
+    namespace = torch.ops.quanttune
+    if hasattr(namespace, "quantize_dequantize"):  # registered by an earlier import of this module
+        _OPS.update(qdq=namespace.quantize_dequantize.default, dq=namespace.dequantize_weight.default)
+        return _OPS
 
     @torch.library.custom_op("quanttune::quantize_dequantize", mutates_args=())
     def quantize_dequantize(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:

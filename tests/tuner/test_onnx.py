@@ -44,6 +44,15 @@ def cnn():
 
 
 @pytest.fixture(scope="module")
+def int8_cnn(cnn, tmp_path_factory):
+    """The digits CNN fully INT8 (mse inputs, per-channel weights), exported once: (plan, path)."""
+    model, batches, cal = cnn
+    plan = cal.uniform_plan(MSE)
+    assert batches[0].shape[0] == 32  # exported with a batch of 32
+    return plan, export_onnx(model, plan, cal, tmp_path_factory.mktemp("int8") / "digits.onnx")
+
+
+@pytest.fixture(scope="module")
 def images(cnn):
     """Calibration images plus noisy copies, so that some values fall outside the calibrated ranges."""
     x = torch.cat(cnn[1])
@@ -220,9 +229,8 @@ def test_graph_quantizes_exactly_the_int8_layers_with_our_parameters(cnn, tmp_pa
     assert meta["layers"]["conv1"]["weight_axis"] == 0 and meta["layers"]["conv2"]["weight_axis"] is None
 
 
-def test_onnx_runtime_runs_int8_layers_in_int8_kernels(cnn, tmp_path):
-    model, _, cal = cnn
-    path = export_onnx(model, cal.uniform_plan(MSE), cal, tmp_path / "digits.onnx")
+def test_onnx_runtime_runs_int8_layers_in_int8_kernels(int8_cnn, tmp_path):
+    _, path = int8_cnn
     ops = optimized_ops(path, tmp_path)
     assert ops.count("QLinearConv") == 2  # conv1, conv2 (its output quantization moved before the pool)
     assert ops.count("QGemm") == 2  # fc1, fc2
@@ -242,10 +250,9 @@ def test_fp32_plan_exports_a_float_model(cnn, tmp_path, images):
 # -- deployed == simulated ---------------------------------------------------------------------
 
 
-def test_deployed_matches_simulated_within_one_step(cnn, tmp_path, images):
+def test_deployed_matches_simulated_within_one_step(cnn, int8_cnn, tmp_path, images):
     model, _, cal = cnn
-    plan = cal.uniform_plan(MSE)
-    path = export_onnx(model, plan, cal, tmp_path / "digits.onnx")
+    plan, path = int8_cnn
     simulated = apply_plan(model, plan, cal)
     assert_within_one_step(path, tmp_path, simulated, images, plan.int8_layers)
 
@@ -258,11 +265,9 @@ def test_deployed_matches_simulated_within_one_step(cnn, tmp_path, images):
     assert abs(digits.evaluate(deployed) - digits.evaluate(simulated)) <= 0.5
 
 
-def test_dynamic_batch(cnn, tmp_path, images):
-    model, batches, cal = cnn
-    plan = cal.uniform_plan(MSE)
-    path = export_onnx(model, plan, cal, tmp_path / "digits.onnx", example=batches[0])  # batch 32
-    assert batches[0].shape[0] == 32
+def test_dynamic_batch(cnn, int8_cnn, images):
+    model, _, cal = cnn
+    plan, path = int8_cnn  # exported with a batch of 32
     deployed = load_onnx(path)
     simulated = apply_plan(model, plan, cal)
     for n in (5, 1, 100):
@@ -347,7 +352,7 @@ def test_keyword_inputs_and_structured_outputs(tmp_path, dataclass_output):
                 torch.testing.assert_close(g, w, rtol=0, atol=0.05 * float(w.abs().max()))
 
 
-def test_calling_errors_name_the_inputs(cnn, tmp_path):
+def test_calling_errors_name_the_inputs(tmp_path):
     torch.manual_seed(0)
     model = TinyEncoder().eval()
     batches = token_batches(2)
@@ -371,7 +376,12 @@ def test_load_onnx_refuses_files_it_did_not_export(tmp_path):
         load_onnx(tmp_path / "missing.onnx")
 
 
-def test_latency_reports_the_median_of_the_runs(cnn):
+def test_latency_times_one_model_or_several_in_turns(cnn, int8_cnn):
     model, batches, _ = cnn
     timing = latency(model, batches[0], runs=5, warmup=1)
     assert timing["runs"] == 5 and 0 < timing["min"] <= timing["median"]
+    deployed = load_onnx(int8_cnn[1], threads=1)
+    timings = latency({"torch": model, "onnxruntime": deployed}, batches[0], runs=3, warmup=0)
+    assert set(timings) == {"torch", "onnxruntime"} and all(t["runs"] == 3 for t in timings.values())
+    with pytest.raises(InvalidArgumentError, match="runs >= 1"):
+        latency(model, batches[0], runs=0)
