@@ -89,7 +89,9 @@ class InputSpec:
         for name, value in kwargs.items():
             if name not in self.names:
                 raise InvalidArgumentError(
-                    f"the exported model's inputs are {list(self.names)}, but got an unexpected keyword {name!r}."
+                    f"the exported model's inputs are {list(self.names)}, but got an unexpected keyword {name!r}: "
+                    f"the graph has only the inputs of the example batch it was exported with; export with an "
+                    f"example that has {name!r} to use it."
                 )
             if name in values:
                 raise InvalidArgumentError(f"input {name!r} was given both by position and by keyword.")
