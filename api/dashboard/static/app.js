@@ -105,7 +105,7 @@
       const drop = done ? job.drop : p.best_drop;
       const coverage = done ? job.coverage : p.best_coverage;
       const progress = el("td", {}, p.trials + (job.max_trials ? " / " + job.max_trials : "") + " trials");
-      if (job.max_trials) {
+      if (job.max_trials && ACTIVE.has(job.status)) {
         const share = Math.min(1, p.trials / job.max_trials);
         progress.append(el("div", { class: "bar" }, el("span", { style: "width:" + (100 * share).toFixed(0) + "%" })));
       }
@@ -197,7 +197,9 @@
       const cards = [
         ["Baseline (FP32)", fmtNum(job.baseline), job.higher_is_better ? "higher is better" : "lower is better"],
         [done ? "Score (INT8 plan)" : "Best score so far", fmtNum(done ? job.score : p.best_score), null],
-        ["Drop vs budget", dropCell(job, drop), (job.relative ? "relative" : "absolute") + " budget " + fmtDrop(job, job.max_drop)],
+        ["Drop vs budget", el("span", { class: isNum(drop) ? (metBudget(job, drop) ? "ok" : "miss") : "muted" }, fmtDrop(job, drop)),
+          (isNum(drop) ? (metBudget(job, drop) ? "within" : "over") + " the " : "") + (job.relative ? "relative" : "absolute") +
+          " budget " + fmtDrop(job, job.max_drop)],
         ["INT8 coverage", fmtPct(done ? job.coverage : p.best_coverage), "share of MACs"],
         ["Trials", p.trials + (job.max_trials ? " / " + job.max_trials : ""), job.workers + " worker(s) now"],
         ["Evaluations", String(p.evaluations), "calls of the evaluation"],
@@ -230,7 +232,7 @@
         el("p", { class: "muted small" }, "Calibration (activation range) · scheme · weight granularity, per INT8 layer:"),
         list,
         el("p", { class: "small" }, (report.int8_layers || []).length + " of " + Object.keys(layers).length + " layers INT8" +
-          (job.space ? " · search space " + JSON.stringify(job.space) : "")));
+          (job.space ? " · search space: " + Object.entries(job.space).map(([k, v]) => k + " " + (Array.isArray(v) ? v.join("/") : JSON.stringify(v))).join(", ") : "")));
       const c = report.coverage || {};
       const onnx = artifacts && artifacts.data.find((a) => a.name === "model.onnx");
       deployed.replaceChildren(el("dl", { class: "kv", id: "deployed-figures" },
@@ -289,8 +291,9 @@
     function lineShape(y, color, dash) {
       return { type: "line", xref: "paper", x0: 0, x1: 1, yref: "y", y0: y, y1: y, line: { color, width: 1.5, dash } };
     }
-    function label(y, text, color) {
-      return { xref: "paper", x: 1, xanchor: "right", yref: "y", y, yanchor: "bottom", text, showarrow: false, font: { size: 11, color } };
+    function label(y, text, color, below) {
+      return { xref: "paper", x: below ? 1 : 0, xanchor: below ? "right" : "left", yref: "y", y,
+        yanchor: below ? "top" : "bottom", text, showarrow: false, font: { size: 11, color } };
     }
     const layoutBase = () => ({ margin: { l: 56, r: 14, t: 10, b: 44 }, showlegend: false, hovermode: "closest",
       paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "#fbfcfd", font: { size: 12 } });
@@ -306,7 +309,8 @@
         hovertemplate: "trial %{x}<br>score %{y:.4g}<br>%{text}<extra></extra>",
       };
       const layout = layoutBase();
-      layout.xaxis = { title: { text: "trial" }, zeroline: false };
+      const last = trials.length ? trials[trials.length - 1].number : 1;
+      layout.xaxis = { title: { text: "trial" }, zeroline: false, tick0: 0, dtick: Math.max(1, Math.ceil(last / 12)) };
       layout.yaxis = { title: { text: "score" } };
       layout.shapes = [];
       layout.annotations = [];
@@ -315,7 +319,7 @@
         layout.annotations.push(label(job.baseline, "FP32 baseline " + fmtNum(job.baseline), COLORS.muted));
         const limit = budgetScore(job);
         layout.shapes.push(lineShape(limit, COLORS.bad, "dot"));
-        layout.annotations.push(label(limit, "budget " + fmtNum(limit), COLORS.bad));
+        layout.annotations.push(label(limit, "budget " + fmtNum(limit), COLORS.bad, true));
       }
       Plotly.react("plot-score", [trace], layout, PLOT_CONFIG);
     }
@@ -332,12 +336,14 @@
     function plotDrop() {
       const k = scale(job);
       const points = trials.filter((t) => isNum(t.drop) && isNum(t.coverage));
+      const best = bestTrial();
       const front = frontier(points);
       const trace = {
         type: "scatter", mode: "markers", name: "trials",
         x: points.map((t) => 100 * t.coverage), y: points.map((t) => k * t.drop),
         text: points.map((t) => "trial " + t.number + "<br>" + (t.summary || "")),
-        marker: { size: 9, color: points.map((t) => (metBudget(job, t.drop) ? COLORS.good : COLORS.bad)), opacity: 0.85 },
+        marker: { size: 9, color: points.map((t) => (metBudget(job, t.drop) ? COLORS.good : COLORS.bad)), opacity: 0.85,
+          line: { color: "#111", width: points.map((t) => (t.number === best ? 2.5 : 0)) } },
         hovertemplate: "%{text}<br>INT8 %{x:.1f}% of MACs<br>drop %{y:.3g}" + (job.relative ? "%" : "") + "<extra></extra>",
       };
       const line = {
@@ -349,19 +355,15 @@
       layout.xaxis = { title: { text: "INT8 coverage (% of MACs)" }, range: [-4, 104] };
       layout.yaxis = { title: { text: "drop" + (job.relative ? " (%)" : "") }, rangemode: "tozero" };
       layout.shapes = [lineShape(k * job.max_drop, COLORS.bad, "dot")];
-      layout.annotations = [label(k * job.max_drop, "budget " + fmtDrop(job, job.max_drop), COLORS.bad)];
+      layout.annotations = [label(k * job.max_drop, "budget " + fmtDrop(job, job.max_drop), COLORS.bad, false)];
       Plotly.react("plot-drop", [line, trace], layout, PLOT_CONFIG);
     }
 
     function plotSqnr() {
       const data = ledger.ledger;
-      const node = document.getElementById("plot-sqnr");
-      if (!data) {
-        node.replaceChildren(el("p", { class: "muted" }, "The per-setting errors appear once the job succeeded."));
-        node.classList.remove("tall");
-        return;
-      }
-      node.classList.add("tall");
+      document.getElementById("sqnr-empty").hidden = Boolean(data);
+      document.getElementById("plot-sqnr").hidden = !data;
+      if (!data) return;
       const layers = ledger.layers.filter((name) => data[name]);
       const settings = [];
       for (const name of layers) for (const s of Object.keys(data[name].sqnr_db || {})) if (!settings.includes(s)) settings.push(s);
@@ -379,11 +381,11 @@
       });
       const layout = layoutBase();
       layout.barmode = "group";
-      layout.showlegend = settings.length > 1;
-      layout.legend = { orientation: "h", y: 1.12, font: { size: 10 } };
+      layout.showlegend = true;
+      layout.legend = { orientation: "h", x: 0, y: 1.02, yanchor: "bottom", font: { size: 10 } };
+      layout.margin.t = 40;
       layout.xaxis = { title: { text: "layer (outlined: the setting of the chosen plan)" }, type: "category" };
       layout.yaxis = { title: { text: "output SQNR (dB)" } };
-      if (layout.showlegend) layout.margin.t = 40;
       Plotly.react("plot-sqnr", traces, layout, PLOT_CONFIG);
     }
 
