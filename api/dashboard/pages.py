@@ -8,7 +8,7 @@ import importlib.util
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import APIRouter, Form, Path as PathParam, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
@@ -66,6 +66,18 @@ def _safe_next(target: str | None) -> str:
     return "/dashboard/jobs"
 
 
+def _cross_site(request: Request) -> bool:
+    """A form posted from another site (browsers send Origin on POST): refused, so that no page
+    elsewhere can log a visitor in or out."""
+    origin = request.headers.get("origin")
+    return origin is not None and urlsplit(origin).netloc != request.headers.get("host")
+
+
+def _refused(request: Request) -> HTMLResponse:
+    return _page(request, "error.html", {"owner": None, "title": "Refused",
+                                         "message": "This form was posted from another site."}, 403)
+
+
 @router.get("")
 @router.get("/")
 def home() -> RedirectResponse:
@@ -82,6 +94,8 @@ def login_page(request: Request, next: Annotated[str | None, Query(max_length=20
 @router.post("/login")
 def login(request: Request, token: Annotated[str, Form(max_length=500)] = "",
           next: Annotated[str, Form(max_length=2000)] = "") -> Response:  # noqa: A002
+    if _cross_site(request):
+        return _refused(request)
     owner = log_in(request, token)
     if owner is None:
         error = "Enter your API token." if not token.strip() else "Unknown token: check it and try again."
@@ -92,7 +106,9 @@ def login(request: Request, token: Annotated[str, Form(max_length=500)] = "",
 
 
 @router.post("/logout")
-def logout(request: Request) -> RedirectResponse:
+def logout(request: Request) -> Response:
+    if _cross_site(request):
+        return _refused(request)
     response = RedirectResponse("/dashboard/login", status_code=303)
     clear_session(response, request)
     return response

@@ -178,6 +178,9 @@ def test_login_sets_a_signed_httponly_session_and_logout_clears_it(server: Serve
                               ("https://evil.example/", "/dashboard/jobs"), ("//evil.example/x", "/dashboard/jobs")):
             response = anonymous.post("/dashboard/login", data={"token": server.alice, "next": target})
             assert (response.status_code, response.headers["location"]) == (303, lands)
+        cross_site = anonymous.post("/dashboard/login", data={"token": server.alice, "next": "/dashboard/jobs"},
+                                    headers={"Origin": "https://evil.example"})
+        assert cross_site.status_code == 403 and "set-cookie" not in cross_site.headers
         anonymous.cookies.clear()
 
     with _login(server, server.alice) as alice:
@@ -443,3 +446,19 @@ def test_another_token_sees_neither_the_job_nor_its_page(browser, server: Server
         assert "/dashboard/login" in bob.page.url
     finally:
         bob.close()
+
+
+def test_job_names_are_shown_as_text_never_run_as_html(alice_page: Page, server: Server) -> None:
+    name = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'
+    with server.client(server.alice) as api:
+        job_id = _submit(api, {"name": name, **DIGITS, "max_trials": 1})
+        api.post(f"/v1/jobs/{job_id}/cancel")  # it need not run
+    page = alice_page.page
+    page.goto("/dashboard/jobs")
+    link = page.locator(f"#jobs tr[data-job-id='{job_id}'] a.job-link")
+    assert link.inner_text() == f"#{job_id} {name}"
+    link.click()
+    page.wait_for_selector("body[data-ready='final']")
+    assert page.inner_text("#job-name") == name
+    assert page.evaluate("() => window.pwned") is None
+    assert page.locator("main img, main script:not(#job-data)").count() == 0  # only the inert JSON block

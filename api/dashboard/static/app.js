@@ -138,7 +138,7 @@
       } catch (error) {
         message("Could not load the jobs: " + error.message);
       }
-      timer = setTimeout(refresh, active ? 2000 : 10000);
+      timer = setTimeout(refresh, active && !document.hidden ? 2000 : 10000);
     }
 
     filter.addEventListener("change", () => {
@@ -448,7 +448,7 @@
       const active = ACTIVE.has(job.status);
       stamp(active);
       document.body.dataset.ready = active ? "live" : "final";
-      if (active) timer = setTimeout(refresh, 2000);
+      if (active) timer = setTimeout(refresh, document.hidden ? 10000 : 2000);
     }
 
     for (const th of document.querySelectorAll("#trials th[data-key]")) {
