@@ -43,7 +43,7 @@ _LAZY = {
     "TuneResult": "tuner",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted([*_LAZY, "__version__"])
 
 
 def __getattr__(name: str) -> Any:
