@@ -3,7 +3,7 @@
 The server URL and token come from `--url` / `--token` or `QUANTTUNE_URL` / `QUANTTUNE_TOKEN`.
 Tables for humans, `--json` for scripts (the API's own shapes). Exit codes: 0 done; 1 the
 request was refused (the server's message on stderr) or the server could not be reached; 2 bad
-usage; 3 the job failed or was cancelled (`--wait`, `wait`).
+usage; 3 the job failed or was cancelled (`--wait`, `wait`); 130 Ctrl-C while waiting (the job goes on).
 """
 
 from __future__ import annotations
@@ -109,6 +109,9 @@ def _finish_wait(job: Any, as_json: bool) -> None:
         if as_json:
             _print_json(_dump(exc.job))
         raise
+    except KeyboardInterrupt:
+        raise _fail(f"interrupted; job {job.id} goes on: `quanttune wait {job.id}` follows it, "
+                    f"`quanttune cancel {job.id}` stops it.", 130) from None
     if as_json:
         _print_json(_dump(info))
     else:

@@ -126,6 +126,9 @@ def demo(
         console.print(f"[red]demo failed:[/] {escape(str(exc))}\n--- server log ({server.log_path}) ---\n"
                       f"{escape(server.log_tail())}")
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        raise typer.Exit(130) from None
     finally:
         code = server.stop()
         console.print(f"server stopped (exit code {code}); to browse the results again: quanttune serve --data-dir "

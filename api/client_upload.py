@@ -57,7 +57,8 @@ def reference_of(value: Callable[..., Any], what: str) -> str:
 def read_file(path: str | Path, what: str) -> tuple[str, bytes]:
     path = Path(path)
     if not path.is_file():
-        raise InvalidArgumentError(f"`{what}` names no file: {str(path)!r} does not exist.")
+        hint = " (a reference is written 'package.module:callable')" if what in ("model", "calibration") else ""
+        raise InvalidArgumentError(f"`{what}` names no file: {str(path)!r} does not exist{hint}.")
     return path.name, path.read_bytes()
 
 
