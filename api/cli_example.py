@@ -99,7 +99,7 @@ def demo(
         console.print(f"trained the example in {time.perf_counter() - started:.1f}s")
         server.wait_ready()
         console.print(f"server up on {server.url} after {time.perf_counter() - started:.1f}s")
-        local = _Local(model, batches, out / "server")
+        local = _Local(model, batches, out)
         with Client(server.url, server.token) as client:
             job = client.submit(model, batches, EVALUATE, name="digits demo", max_drop=max_drop)
             console.print(f"submitted job {job.id}: the model as a torch.export archive, {len(batches)} calibration "
@@ -112,8 +112,10 @@ def demo(
         console.print(ledger_table(report))
         console.print(report_summary(report))
         _results(console, report, paths, local)
-        console.print(f"wrote {', '.join(str(paths[n]) for n in sorted(paths))}  ({time.perf_counter() - started:.0f}s "
-                      f"in all)")
+        written = [str(paths[n]) for n in sorted(paths)]
+        if local.fp32_onnx is not None:
+            written.append(f"{local.fp32_onnx} (FP32, for comparison)")
+        console.print(f"wrote {', '.join(written)}  ({time.perf_counter() - started:.0f}s in all)")
         console.print(f"dashboard: {server.url}/dashboard/  (token: {server.token})")
         if keep_serving:
             console.print("serving until Ctrl-C ...")
