@@ -1,7 +1,8 @@
 """Calibration: ONE forward pass over the calibration data gathers, for every quantizable layer,
 the statistics of its input (min/max + bounded histogram) and its compute (MACs). Every
 calibration method's range, and so every plan, is derived from them without running the model
-again."""
+again. An `nn.Embedding` is a weight-only layer: its input is integer indices (nothing to
+calibrate) and it computes no multiply-accumulate; only its calls and its table are recorded."""
 
 from __future__ import annotations
 
@@ -19,12 +20,22 @@ from .histogram import TensorStats
 from .plan import LayerConfig, Plan
 from .quant import INT8, UINT8, QParams, compute_qparams, fake_quantize, weight_qparams
 
-QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+WEIGHT_ONLY = (nn.Embedding,)  # integer inputs: only the weight is quantized
+
+
+def is_weight_only(module: nn.Module) -> bool:
+    return isinstance(module, WEIGHT_ONLY)
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Qualified name -> module for every layer quanttune can run in INT8."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE) and name}
+    """Qualified name -> module for every layer quanttune can run in INT8: nn.Linear,
+    nn.Conv1d/2d/3d and nn.Embedding (weight-only). An embedding with `max_norm` is left out: its
+    forward renormalizes the table in place."""
+    return {
+        name: m for name, m in model.named_modules()
+        if name and isinstance(m, QUANTIZABLE) and not (isinstance(m, nn.Embedding) and m.max_norm is not None)
+    }
 
 
 @dataclass
@@ -35,8 +46,9 @@ class LayerInfo:
     kind: str
     weight_shape: tuple[int, ...]
     params: int
-    macs: int = 0  # multiply-accumulates over the whole calibration set
+    macs: int = 0  # multiply-accumulates over the whole calibration set (0 for an embedding)
     calls: int = 0
+    weight_only: bool = False  # an embedding: integer input, no input statistics
     input: TensorStats = field(default_factory=TensorStats)
     channel_min: torch.Tensor | None = None  # per input channel, for SmoothQuant
     channel_max: torch.Tensor | None = None
@@ -69,6 +81,8 @@ class Calibration:
 
     def activation_qparams(self, name: str, method: str, symmetric: bool, smooth: float = 0.0) -> QParams:
         info = self.layers[name]
+        if info.weight_only:
+            raise InvalidPlanError(f"layer {name!r} ({info.kind}) is weight-only: its input is indices, it has no activation range.")
         if smooth:  # the smoothed input x / s: its exact range follows from the per-channel min/max
             s = self.smoothing_factors(name, smooth)
             lo, hi = (info.channel_min / s).min().item(), (info.channel_max / s).max().item()
@@ -82,6 +96,8 @@ class Calibration:
     def smoothing_factors(self, name: str, alpha: float) -> torch.Tensor:
         """SmoothQuant's per-input-channel divisors s_j = max|x_j|^a / max|W[:, j]|^(1 - a)."""
         info = self.layers[name]
+        if info.weight_only:
+            raise InvalidPlanError(f"layer {name!r} ({info.kind}) is weight-only: `smooth` does not apply to it.")
         act = torch.maximum(-info.channel_min, info.channel_max).clamp(min=1e-5)
         w = self._modules[name].weight.detach().float()
         w_cols = w.transpose(0, 1).reshape(w.shape[1], -1).abs().amax(1)
@@ -113,6 +129,12 @@ class Calibration:
                 f"plan names layers that are not quantizable layers of this model: {unknown}; "
                 f"the model's are: {known}"
             )
+        for name, config in plan.layers.items():
+            if config.int8 and config.smooth and self.layers[name].weight_only:
+                raise InvalidPlanError(
+                    f"layer {name!r} is an {self.layers[name].kind}, a weight-only layer (its input is "
+                    f"indices): `smooth` does not apply to it, but got smooth={config.smooth}."
+                )
 
     def uniform_plan(self, config: LayerConfig = LayerConfig()) -> Plan:
         return Plan.uniform(self.layers, config)
@@ -121,15 +143,21 @@ class Calibration:
         """Share of MACs and of parameters in INT8, and the INT8 model's size in bytes."""
         total_macs = sum(info.macs for info in self.layers.values()) or 1
         int8 = [self.layers[n] for n in plan.int8_layers if n in self.layers]
-        int8_params = sum(info.params for info in int8)
-        # int8 weights take one byte; each keeps a float scale per output channel (upper bound)
-        scales = sum(4 * info.weight_shape[0] for info in int8)
+        # a weight tied between layers (an embedding and its output head) is counted once
+        unique = {_storage_key(self._modules[info.name].weight): info for info in int8}.values()
+        int8_params = sum(info.params for info in unique)
+        # int8 weights take one byte; each keeps a float scale per output channel / embedding row (upper bound)
+        scales = sum(4 * info.weight_shape[0] for info in unique)
         return {
             "macs": sum(info.macs for info in int8) / total_macs,
             "params": int8_params / max(self.model_params, 1),
             "int8_bytes": self.model_bytes - 3 * int8_params + scales,
             "fp32_bytes": self.model_bytes,
         }
+
+
+def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.data_ptr(), tuple(t.shape), t.stride())
 
 
 @torch.no_grad()
@@ -139,15 +167,19 @@ def calibrate(model: nn.Module, calibration: Any, *, max_bins: int = 4096) -> Ca
     modules = quantizable_layers(model)
     if not modules:
         raise CalibrationError(
-            f"{type(model).__name__} has no quantizable layer (nn.Linear, nn.Conv1d/2d/3d) below its root."
+            f"{type(model).__name__} has no quantizable layer (nn.Linear, nn.Conv1d/2d/3d, nn.Embedding) below its root."
         )
     layers = {
-        name: LayerInfo(name, type(m).__name__, tuple(m.weight.shape), m.weight.numel(), input=TensorStats(max_bins))
+        name: LayerInfo(name, type(m).__name__, tuple(m.weight.shape), m.weight.numel(),
+                        weight_only=is_weight_only(m), input=TensorStats(max_bins))
         for name, m in modules.items()
     }
 
     def record(name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         info = layers[name]
+        if info.weight_only:  # a table lookup: no input range, no multiply-accumulate
+            info.calls += 1
+            return
         info.input.update(args[0])
         info.update_channels(args[0], axis=-1 if isinstance(module, nn.Linear) else 1)
         info.calls += 1

@@ -4,10 +4,11 @@
                                               # input's sequence dimension) is exported dynamic
     model = load_exported("model.pt2")        # server side: an nn.Module the tuner can quantize
 
-`torch.export.load(path).module()` runs every Linear/Conv as an `aten.linear`/`aten.conv2d` call on
-a parameter, so `quantizable_layers` finds nothing in it. `load_exported` turns each such call back
-into a real `nn.Linear`/`nn.ConvNd` submodule at the original qualified name (`encoder.layer.0.
-attention.self.query`), holding the original parameters: calibration, plans and `apply_plan` then
+`torch.export.load(path).module()` runs every Linear/Conv/Embedding as an `aten.linear`/
+`aten.conv2d`/`aten.embedding` call on a parameter, so `quantizable_layers` finds nothing in it.
+`load_exported` turns each such call back into a real `nn.Linear`/`nn.ConvNd`/`nn.Embedding`
+submodule at the original qualified name (`encoder.layer.0.attention.self.query`), holding the
+original parameters: calibration, plans and `apply_plan` then
 work on it exactly as on the eager model, with the same layer names.
 
 Safety: `load_exported` never hands torch a file that `pt2_check.check_archive` refuses; see there.
@@ -127,8 +128,8 @@ def _dynamic_shapes(args: tuple[Any, ...], kwargs: dict[str, Any], *, seq: bool)
 
 def load_exported(path: str | Path) -> nn.Module:
     """Load a torch.export archive into a module that calls like the exported model (same
-    positional/keyword inputs, same outputs) and in which every Linear/Conv call on a parameter is a
-    real `nn.Linear`/`nn.ConvNd` at its original qualified name. The file is checked before torch
+    positional/keyword inputs, same outputs) and in which every Linear/Conv/Embedding call on a
+    parameter is a real `nn.Linear`/`nn.ConvNd`/`nn.Embedding` at its original qualified name. The file is checked before torch
     reads it (see `tuner.pt2_check`); what is refused raises `InvalidArchiveError`.
 
     `train()`/`eval()` only set flags: dropout and batch-norm behave as in the mode the model was
@@ -154,7 +155,7 @@ def load_exported(path: str | Path) -> nn.Module:
     skipped = materialize_layers(module)
     if skipped:
         warnings.warn(
-            f"{len(skipped)} linear/convolution call(s) in {str(path)!r} stay FP32 and cannot be tuned: "
+            f"{len(skipped)} linear/convolution/embedding call(s) in {str(path)!r} stay FP32 and cannot be tuned: "
             + "; ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
             UserWarning,
             stacklevel=2,

@@ -7,8 +7,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .plan import Plan
-from .report import LayerReport
+from .plan import LayerConfig, Plan
+from .report import LayerErrors, LayerReport
 from .study import Budget, Outcome
 
 
@@ -34,14 +34,16 @@ def build_ledger(
         rank = ranking.index(name) + 1 if name in ranking else None
         best_setting = errors.best()
         ledger[name] = {
-            "decision": config.short(),
+            "decision": config.short(errors.weight_only),
+            "kind": errors.kind,
+            "weight_only": errors.weight_only,
             "sensitivity_rank": rank,
-            "best_setting": best_setting.setting(),
-            "best_sqnr_db": _finite(errors.sqnr[best_setting.setting()]),
+            "best_setting": errors.label(best_setting),
+            "best_sqnr_db": _finite(errors.sqnr_of(best_setting)),
             "sqnr_db": {k: _finite(v) for k, v in errors.sqnr.items()},
             "macs_share": errors.macs / (sum(e.macs for e in report.layers.values()) or 1),
             "trials": evidence,
-            "reason": _reason(name, config.int8, config, errors.sqnr, rank, len(ranking), evidence, budget),
+            "reason": _reason(errors, config, rank, len(ranking), evidence, budget),
         }
     return ledger
 
@@ -50,13 +52,19 @@ def _finite(x: float) -> float | None:
     return round(x, 3) if math.isfinite(x) else None
 
 
-def _reason(name, int8, config, sqnr, rank, n, evidence, budget: Budget) -> str:
+def _reason(errors: LayerErrors, config: LayerConfig, rank, n, evidence, budget: Budget) -> str:
+    sqnr = errors.sqnr
     met_int8 = [e for e in evidence if e["layer"] == "int8" and e["met"]]
     miss_int8 = [e for e in evidence if e["layer"] == "int8" and not e["met"]]
     met_fp32 = [e for e in evidence if e["layer"] == "fp32" and e["met"]]
-    if int8:
-        label = config.setting()
-        why = f"INT8 with {label} (output SQNR {sqnr[label]:.1f} dB, best measured of {len(sqnr)} settings)"
+    if config.int8:
+        label = errors.label(config)
+        if errors.weight_only:  # an embedding: its input is indices, only the table is INT8
+            rows = "one scale per row" if config.weights == "per_channel" else "one scale for the table"
+            what = f"INT8 table, weight-only {config.weights} ({rows}; its input is indices)"
+        else:
+            what = f"INT8 with {label}"
+        why = f"{what} (output SQNR {sqnr[label]:.1f} dB, best measured of {len(sqnr)} settings)"
         if met_int8:
             return f"{why}; trial {met_int8[0]['trial']} met the budget with it in INT8."
         return f"{why}; no evaluated plan met the budget."

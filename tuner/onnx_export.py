@@ -7,6 +7,12 @@ Every INT8 layer of the plan becomes, in the graph:
     x ─[Div by SmoothQuant factors]─ QuantizeLinear(s, z) ─[Clip -127..127]─ DequantizeLinear(s, z) ─┐
     int8 weight ─ DequantizeLinear(scales, zero points, axis) ─────────── Conv / Gemm / MatMul ─ (Add bias)
 
+An INT8 embedding (weight-only: its input is indices) gathers the rows of its int8 table and
+dequantizes only those rows, so no full-table DequantizeLinear runs per inference:
+
+    indices ─ Gather(int8 table) ─ Cast(float) ─┐
+    indices ─ Gather(per-row scales [V, 1]) ────┴ Mul      (per-tensor: Mul by a scalar scale)
+
 with the input scale and zero point the calibration chose (`Calibration.activation_qparams`) and
 the weight codes the simulation (`apply_plan`) computes with, so that ONNX Runtime runs the numbers
 we measured; nothing is re-calibrated. The optional nodes appear for smoothed layers and for
@@ -179,6 +185,25 @@ class _ExportLayer(nn.Module):
         return self.conv_fn(x, w, self.bias, **conv)
 
 
+class _ExportEmbedding(nn.Module):
+    """A weight-only `QuantizedLayer` over an `nn.Embedding`: int8 codes gathered by the indices,
+    then cast and multiplied by their rows' scales. Symmetric codes (zero point 0) times the scale
+    in float32 is exactly what the simulation's dequantized table holds."""
+
+    def __init__(self, q: QuantizedLayer):
+        super().__init__()
+        wqp = q.weight_qparams
+        self.register_buffer("weight", quantize(q.layer.weight.detach(), wqp).to(torch.int8))
+        scale = wqp.scale.detach().float().clone()
+        self.register_buffer("weight_scale", scale.reshape(-1, 1) if scale.dim() else scale)
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        codes = F.embedding(indices, self.weight).float()
+        if self.weight_scale.dim():  # per row: gather the scales of the gathered rows
+            return codes * F.embedding(indices, self.weight_scale)
+        return codes * self.weight_scale
+
+
 class _Flat(nn.Module):
     """The model with flat tensor inputs and a flat tuple of tensor outputs, for the exporter."""
 
@@ -220,7 +245,7 @@ def _export_form(simulated: nn.Module, ranks: dict[str, int | None]) -> nn.Modul
     for name, module in list(exported.named_modules()):
         if isinstance(module, QuantizedLayer):
             parent, _, child = name.rpartition(".")
-            export_layer = _ExportLayer(module, name, ranks.get(name))
+            export_layer = _ExportEmbedding(module) if module.weight_only else _ExportLayer(module, name, ranks.get(name))
             setattr(exported.get_submodule(parent) if parent else exported, child, export_layer)
     return exported.eval()
 

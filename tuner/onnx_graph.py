@@ -81,14 +81,18 @@ def annotate_layers(proto: onnx.ModelProto, plan: Plan, calibration: Calibration
     """Find, check and name every plan layer's nodes; return what the metadata records per layer.
 
     An INT8 layer must read an int8 weight initializer `<layer>.weight` through DequantizeLinear
-    and its input through QuantizeLinear -> DequantizeLinear; an FP32 layer must keep a float
-    weight. Raises `GraphError` otherwise (that would be an exporter change, not a user error).
+    and its input through QuantizeLinear -> DequantizeLinear; an INT8 embedding must Gather rows of
+    its int8 `<layer>.weight`, Cast them to float and Mul them by their scales; an FP32 layer must
+    keep a float weight. Raises `GraphError` otherwise (that would be an exporter change, not a
+    user error).
     """
     index = _Index(proto.graph)
     layers: dict[str, dict[str, Any]] = {}
-    for name in calibration.layers:
+    for name, info in calibration.layers.items():
         weight = index.initializers.get(f"{name}.weight")
-        if plan.config(name).int8:
+        if plan.config(name).int8 and info.weight_only:
+            layers[name] = _int8_embedding(index, name, weight)
+        elif plan.config(name).int8:
             layers[name] = _int8_layer(index, name, weight, smoothed=bool(plan.config(name).smooth), named=layers)
         elif weight is not None and weight.data_type != onnx.TensorProto.FLOAT:
             raise GraphError(f"FP32 layer {name!r} has a {onnx.TensorProto.DataType.Name(weight.data_type)} weight.")
@@ -137,4 +141,39 @@ def _int8_layer(index: _Index, name: str, weight: Any, smoothed: bool, named: di
         "input_codes": codes.output[0],
         "input_scale": _scalar(index, quantize.input[1]),
         "input_zero_point": _scalar(index, quantize.input[2]),
+    }
+
+
+def _int8_embedding(index: _Index, name: str, weight: Any) -> dict[str, Any]:
+    """Check one INT8 embedding's nodes (Gather of int8 rows -> Cast -> Mul by the gathered per-row
+    scales or by a scalar), name them `<layer>/<role>`, and describe them."""
+    if weight is None or weight.data_type != onnx.TensorProto.INT8:
+        raise GraphError(f"INT8 embedding {name!r} has no int8 weight initializer {name + '.weight'!r} in the graph.")
+    # an embedding called more than once gathers once per call: the first describes it
+    gather = next((n for n in index.consumers[weight.name] if n.op_type == "Gather" and n.input[0] == weight.name), None)
+    cast = next((n for n in index.consumers[gather.output[0]] if n.op_type == "Cast"), None) if gather else None
+    mul = next((n for n in index.consumers[cast.output[0]] if n.op_type == "Mul"), None) if cast else None
+    if mul is None:
+        raise GraphError(f"INT8 embedding {name!r}: its int8 table does not reach Gather -> Cast -> Mul.")
+    scale_name = next(i for i in mul.input if i != cast.output[0])
+    scale_gather = index.producer.get(scale_name)
+    roles = [(gather, "gather"), (cast, "cast"), (mul, "dequantize")]
+    if scale_gather is not None and scale_gather.op_type == "Gather" and scale_gather.input[0] in index.initializers:
+        if scale_gather.input[1] != gather.input[1]:
+            raise GraphError(f"INT8 embedding {name!r}: its scales are gathered by other indices than its rows.")
+        roles.append((scale_gather, "scale_gather"))
+        scale, per_row = scale_gather.input[0], True
+    elif _scalar(index, scale_name) is not None:
+        scale, per_row = scale_name, False
+    else:
+        raise GraphError(f"INT8 embedding {name!r}: its gathered rows are not multiplied by their scales.")
+    for node, role in roles:
+        node.name = f"{name}/{role}"
+    return {
+        "precision": "int8",
+        "op": "Gather",
+        "weight": weight.name,
+        "weight_axis": 0 if per_row else None,
+        "weight_scale": scale,
+        "input": gather.input[1],
     }

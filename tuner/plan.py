@@ -7,6 +7,9 @@
             "fc2":   {"precision": "fp32"}}}
 ```
 A layer left out of a plan stays FP32. A FP32 layer keeps its weights and its input in float.
+An `nn.Embedding` is a weight-only layer (its input is integer indices): its config uses only
+`precision` and `weights`; `activation` and `scheme` do not apply (they are ignored) and `smooth`
+is refused when the plan is applied.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ class LayerConfig:
     `weights` the weight granularity (weights are always symmetric INT8), `smooth` the
     SmoothQuant migration strength alpha in [0, 1] (0: off): input channel j is divided by
     s_j = max|x_j|^alpha / max|W[:, j]|^(1 - alpha) and weight column j multiplied by it, which
-    moves activation outliers into the weights; smoothed inputs are calibrated by "max"."""
+    moves activation outliers into the weights; smoothed inputs are calibrated by "max".
+    For a weight-only layer (`nn.Embedding`) only `precision` and `weights` apply."""
 
     precision: str = "int8"
     activation: str = "max"
@@ -72,14 +76,17 @@ class LayerConfig:
             del data["smooth"]  # keep plans short; absent means 0
         return data
 
-    def setting(self) -> str:
-        """The INT8 setting as one label, e.g. `mse/affine/per_channel` or `max/affine/per_channel/smooth0.5`."""
+    def setting(self, weight_only: bool = False) -> str:
+        """The INT8 setting as one label, e.g. `mse/affine/per_channel` or `max/affine/per_channel/smooth0.5`;
+        for a weight-only layer (an embedding) just its weights, e.g. `weight-only/per_channel`."""
+        if weight_only:
+            return f"weight-only/{self.weights}"
         label = f"{self.activation}/{self.scheme}/{self.weights}"
         return f"{label}/smooth{self.smooth:g}" if self.smooth else label
 
-    def short(self) -> str:
-        """A compact label, e.g. `int8 mse/affine/per_channel` or `fp32`."""
-        return f"int8 {self.setting()}" if self.int8 else "fp32"
+    def short(self, weight_only: bool = False) -> str:
+        """A compact label, e.g. `int8 mse/affine/per_channel`, `int8 weight-only/per_channel` or `fp32`."""
+        return f"int8 {self.setting(weight_only)}" if self.int8 else "fp32"
 
 
 FP32 = LayerConfig(precision="fp32")

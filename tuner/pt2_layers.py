@@ -1,6 +1,7 @@
 """Real layers in an unlifted torch.export module: every `aten.linear` / `aten.conv1d|2d|3d` /
-`aten.convolution` call on parameters becomes a call of an `nn.Linear` / `nn.ConvNd` submodule at the
-eager model's qualified name, holding the same parameter objects."""
+`aten.convolution` / `aten.embedding` call on parameters becomes a call of an `nn.Linear` /
+`nn.ConvNd` / `nn.Embedding` submodule at the eager model's qualified name, holding the same
+parameter objects (an embedding keeps its `padding_idx`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import fx, nn
 _FQN = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 _LINEAR = torch.ops.aten.linear.default
 _CONVOLUTION = torch.ops.aten.convolution.default
+_EMBEDDING = torch.ops.aten.embedding.default
 _CONV_DIMS = {
     torch.ops.aten.conv1d.default: 1, torch.ops.aten.conv1d.padding: 1,
     torch.ops.aten.conv2d.default: 2, torch.ops.aten.conv2d.padding: 2,
@@ -20,12 +22,20 @@ _CONV_DIMS = {
 }
 _CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _MODULE_ATTRS = frozenset(vars(nn.Module()))
-_LAYER_CLASS_NAMES = frozenset(f"{c.__module__}.{c.__qualname__}" for c in (nn.Linear, *_CONV_CLASSES.values()))
+_LAYER_CLASS_NAMES = frozenset(
+    f"{c.__module__}.{c.__qualname__}" for c in (nn.Linear, nn.Embedding, *_CONV_CLASSES.values())
+)
+
+
+def _is_layer_call(node: fx.Node) -> bool:
+    return node.op == "call_function" and (
+        node.target is _LINEAR or node.target is _CONVOLUTION or node.target is _EMBEDDING or node.target in _CONV_DIMS
+    )
 
 
 def materialize_layers(gm: fx.GraphModule) -> list[str]:
-    """Replace every linear/conv call on parameters by a call of a real layer module; returns why
-    the calls it left alone were left alone."""
+    """Replace every linear/conv/embedding call on parameters by a call of a real layer module;
+    returns why the calls it left alone were left alone."""
     graph = gm.graph
     made: dict[str, tuple[nn.Module, tuple[Any, ...]]] = {}
     skipped: list[str] = []
@@ -33,7 +43,7 @@ def materialize_layers(gm: fx.GraphModule) -> list[str]:
         if _decomposed_linear(gm, node):
             skipped.append(f"{node.name}: a linear decomposed to {node.target.__name__} (export without run_decompositions())")
             continue
-        if node.op != "call_function" or not (node.target is _LINEAR or node.target is _CONVOLUTION or node.target in _CONV_DIMS):
+        if not _is_layer_call(node):
             continue
         args = _bind(node)
         weight, bias = _parameter(gm, args["weight"]), _parameter(gm, args.get("bias"))
@@ -56,7 +66,7 @@ def materialize_layers(gm: fx.GraphModule) -> list[str]:
         else:
             made[name] = (layer, key)
         with graph.inserting_before(node):
-            call = graph.call_module(name, (args["input"],))
+            call = graph.call_module(name, (args["indices" if node.target is _EMBEDDING else "input"],))
         call.meta = dict(node.meta)
         node.replace_all_uses_with(call)
         graph.erase_node(node)
@@ -146,6 +156,14 @@ def _ints(value: Any, dims: int) -> Any:
 
 
 def _build(target: Any, args: dict[str, Any], weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Module | None:
+    if target is _EMBEDDING:
+        if weight.dim() != 2:
+            return None
+        padding_idx = args["padding_idx"]  # F.embedding passes -1 for none, else a row index >= 0
+        layer = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=None if padding_idx < 0 else padding_idx,
+                             scale_grad_by_freq=args["scale_grad_by_freq"], sparse=args["sparse"], device="meta")
+        layer.weight = weight
+        return layer
     if target is _LINEAR:
         if weight.dim() != 2:
             return None
@@ -175,9 +193,17 @@ def _build(target: Any, args: dict[str, Any], weight: nn.Parameter, bias: nn.Par
 
 
 def _config(layer: nn.Module) -> tuple[Any, ...]:
+    if isinstance(layer, nn.Embedding):
+        return ("embedding", id(layer.weight), layer.padding_idx, layer.scale_grad_by_freq, layer.sparse)
     if isinstance(layer, nn.Linear):
         return ("linear", id(layer.weight), id(layer.bias))
     return (type(layer).__name__, id(layer.weight), id(layer.bias), layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def _same_view(a: Any, b: Any) -> bool:
+    """True when two tensors are views of the same memory with the same layout."""
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.data_ptr() == b.data_ptr()
+            and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride())
 
 
 def _install(gm: fx.GraphModule, name: str, layer: nn.Module) -> bool:
@@ -200,7 +226,11 @@ def _install(gm: fx.GraphModule, name: str, layer: nn.Module) -> bool:
             return False
         for attr in ("weight", "bias"):
             if attr in old._parameters and old._parameters[attr] is not getattr(layer, attr):
-                return False
+                # a loaded archive unties tied weights into parameters sharing one storage (an
+                # embedding read through its output head's weight): keep the container's own
+                if not _same_view(old._parameters[attr], getattr(layer, attr)):
+                    return False
+                setattr(layer, attr, old._parameters[attr])
         for attr, value in old._parameters.items():
             if attr not in ("weight", "bias"):
                 layer.register_parameter(attr, value)

@@ -2,7 +2,9 @@
 
 A `QuantizedLayer` quantize-dequantizes its input with the plan's activation parameters and runs
 the wrapped layer with quantize-dequantized weights: the numbers an INT8 runtime computes with.
-It keeps the integer parameters (`act_qparams`, `weight_qparams`) for the ONNX exporter.
+It keeps the integer parameters (`act_qparams`, `weight_qparams`) for the ONNX exporter. An
+embedding is weight-only: its input is indices, so only its table is quantized (`act_qparams`
+is None).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from .quant import QParams
 
 
 class QuantizedLayer(nn.Module):
-    """A Linear/Conv layer whose input activation and weights are quantized (simulated)."""
+    """A Linear/Conv layer whose input activation and weights are quantized (simulated), or an
+    Embedding whose table is quantized (`act_qparams=None`: weight-only)."""
 
-    def __init__(self, layer: nn.Module, config: LayerConfig, act_qparams: QParams, weight_qparams: QParams,
+    def __init__(self, layer: nn.Module, config: LayerConfig, act_qparams: QParams | None, weight_qparams: QParams,
                  fake_weight: torch.Tensor, input_divisor: torch.Tensor | None = None):
         super().__init__()
         inner = copy.copy(layer)  # shares everything but the weight and the hooks with `layer`
@@ -33,8 +36,11 @@ class QuantizedLayer(nn.Module):
         self.config = config
         self.act_qparams = act_qparams
         self.weight_qparams = weight_qparams
-        self.register_buffer("act_scale", act_qparams.scale.reshape(()).clone(), persistent=False)
-        self.register_buffer("act_zero_point", act_qparams.zero_point.reshape(()).clone(), persistent=False)
+        self.weight_only = act_qparams is None
+        self.register_buffer("act_scale", None if self.weight_only else act_qparams.scale.reshape(()).clone(),
+                             persistent=False)
+        self.register_buffer("act_zero_point", None if self.weight_only else act_qparams.zero_point.reshape(()).clone(),
+                             persistent=False)
         # SmoothQuant: x / s per input channel (the weight columns were multiplied by s)
         self.channel_axis = -1 if isinstance(layer, nn.Linear) else 1
         self.register_buffer("input_divisor", input_divisor, persistent=False)
@@ -44,7 +50,7 @@ class QuantizedLayer(nn.Module):
             shape = [1] * x.dim()
             shape[self.channel_axis] = -1
             x = x / self.input_divisor.reshape(shape)
-        if x.is_floating_point():
+        if not self.weight_only and x.is_floating_point():
             x = torch.fake_quantize_per_tensor_affine(
                 x.float(), self.act_scale, self.act_zero_point, self.act_qparams.qmin, self.act_qparams.qmax
             ).to(x.dtype)
@@ -60,7 +66,17 @@ class QuantizedLayer(nn.Module):
             return getattr(self._modules["layer"], name)
 
     def extra_repr(self) -> str:
-        return self.config.short()
+        return self.config.short(self.weight_only)
+
+
+def quantized_layer(module: nn.Module, name: str, config: LayerConfig, calibration: Calibration) -> QuantizedLayer:
+    """`module` (the layer called `name`) simulated under the INT8 `config`."""
+    wqp, fake_weight = calibration.weight(name, config.weights, config.smooth)
+    if calibration.layers[name].weight_only:  # an embedding: its input is indices
+        return QuantizedLayer(module, config, None, wqp, fake_weight)
+    act = calibration.activation_qparams(name, config.activation, config.symmetric, config.smooth)
+    divisor = calibration.smoothing_factors(name, config.smooth) if config.smooth else None
+    return QuantizedLayer(module, config, act, wqp, fake_weight, divisor)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -78,9 +94,5 @@ def apply_plan(model: nn.Module, plan: Plan, calibration: Calibration, *, share_
     memo = {id(p): p for p in model.parameters()} if share_weights else {}
     new = copy.deepcopy(model, memo)
     for name in plan.int8_layers:
-        config = plan.layers[name]
-        act = calibration.activation_qparams(name, config.activation, config.symmetric, config.smooth)
-        wqp, fake_weight = calibration.weight(name, config.weights, config.smooth)
-        divisor = calibration.smoothing_factors(name, config.smooth) if config.smooth else None
-        _set_submodule(new, name, QuantizedLayer(new.get_submodule(name), config, act, wqp, fake_weight, divisor))
+        _set_submodule(new, name, quantized_layer(new.get_submodule(name), name, plan.layers[name], calibration))
     return new.eval()

@@ -4,6 +4,8 @@ For every quantizable layer and every INT8 setting (activation calibration metho
 weight granularity, plus SmoothQuant), the SQNR of the layer's output when that layer alone is
 quantized: signal = FP32 output, noise = FP32 output - simulated INT8 output, accumulated over
 the calibration batches in one extra forward pass (the ranges must be known first).
+A weight-only layer (an embedding) is measured under its weight settings only (`per_channel`:
+one scale per row, `per_tensor`), on the rows it outputs.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from torch import nn
 
 from .batches import call_model
 from .calibrate import Calibration, quantizable_layers
+from .errors import InvalidArgumentError
 from .histogram import METHODS
 from .plan import GRANULARITIES, SCHEMES, LayerConfig, Plan
-from .qmodules import QuantizedLayer
+from .qmodules import QuantizedLayer, quantized_layer
 
 SMOOTH_ALPHA = 0.5
 
@@ -40,6 +43,12 @@ def all_settings(
     return settings
 
 
+def weight_only_settings(settings: Iterable[LayerConfig]) -> list[LayerConfig]:
+    """The settings of a weight-only layer within `settings`: one per weight granularity, the
+    input's activation/scheme/smooth left at their defaults (they do not apply)."""
+    return [LayerConfig("int8", weights=w) for w in dict.fromkeys(c.weights for c in settings)]
+
+
 @dataclass
 class LayerErrors:
     """One layer's measured output SQNR (dB) under each setting; higher is better."""
@@ -50,11 +59,22 @@ class LayerErrors:
     params: int
     sqnr: dict[str, float] = field(default_factory=dict)  # setting label -> dB
     settings: dict[str, LayerConfig] = field(default_factory=dict)
+    weight_only: bool = False  # an embedding: only the `weights` of a setting matter
+
+    def label(self, config: LayerConfig) -> str:
+        """The key of `config` in `sqnr` (for a weight-only layer, its weight granularity)."""
+        return config.setting(self.weight_only)
+
+    def sqnr_of(self, config: LayerConfig) -> float:
+        return self.sqnr[self.label(config)]
 
     def best(self, allowed: Iterable[LayerConfig] | None = None) -> LayerConfig:
-        """The setting with the highest SQNR (ties: the first listed, i.e. the simplest)."""
-        labels = [c.setting() for c in allowed] if allowed is not None else list(self.sqnr)
-        labels = [label for label in labels if label in self.sqnr]
+        """The setting with the highest SQNR among the measured ones `allowed` names (ties: the
+        first listed, i.e. the simplest). A weight-only layer matches `allowed` on `weights` alone."""
+        labels = [self.label(c) for c in allowed] if allowed is not None else list(self.sqnr)
+        labels = [label for label in dict.fromkeys(labels) if label in self.sqnr]
+        if not labels:
+            raise InvalidArgumentError(f"layer {self.name!r} was measured under none of the allowed settings.")
         return self.settings[max(labels, key=lambda label: self.sqnr[label])]
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,6 +83,7 @@ class LayerErrors:
             "kind": self.kind,
             "macs": self.macs,
             "params": self.params,
+            "weight_only": self.weight_only,
             "sqnr_db": {k: (round(v, 3) if math.isfinite(v) else v) for k, v in self.sqnr.items()},
         }
 
@@ -93,10 +114,10 @@ class LayerReport:
                 "layer": name,
                 "kind": errors.kind,
                 "macs_share": errors.macs / total_macs,
-                "best_setting": best.setting(),
-                "best_sqnr_db": errors.sqnr[best.setting()],
+                "best_setting": errors.label(best),
+                "best_sqnr_db": errors.sqnr_of(best),
                 "worst_sqnr_db": min(errors.sqnr.values()),
-                "plan": plan.config(name).short() if plan is not None else None,
+                "plan": plan.config(name).short(errors.weight_only) if plan is not None else None,
             })
         return rows
 
@@ -105,8 +126,8 @@ class LayerReport:
 
 
 def _subsample(x: torch.Tensor, module: nn.Module, max_rows: int) -> torch.Tensor:
-    if isinstance(module, nn.Linear):
-        rows = x.reshape(-1, x.shape[-1])
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        rows = x.reshape(-1) if isinstance(module, nn.Embedding) else x.reshape(-1, x.shape[-1])
         return rows[:: max(1, -(-rows.shape[0] // max_rows))]
     samples = max(1, max_rows // 32)  # a convolution's sample holds many rows (positions)
     return x[:samples] if x.dim() > module.weight.dim() - 1 else x
@@ -127,14 +148,16 @@ def layer_report(
     cost of running every setting on every row."""
     settings = list(settings) if settings is not None else all_settings()
     modules = {n: m for n, m in quantizable_layers(model).items() if n in calibration.layers}
+    layer_settings = {
+        name: weight_only_settings(settings) if calibration.layers[name].weight_only else settings for name in modules
+    }
     variants: dict[str, list[tuple[str, QuantizedLayer]]] = {}
     for name, module in modules.items():
-        variants[name] = []
-        for config in settings:
-            act = calibration.activation_qparams(name, config.activation, config.symmetric, config.smooth)
-            wqp, fake_weight = calibration.weight(name, config.weights, config.smooth)
-            divisor = calibration.smoothing_factors(name, config.smooth) if config.smooth else None
-            variants[name].append((config.setting(), QuantizedLayer(module, config, act, wqp, fake_weight, divisor)))
+        weight_only = calibration.layers[name].weight_only
+        variants[name] = [
+            (config.setting(weight_only), quantized_layer(module, name, config, calibration))
+            for config in layer_settings[name]
+        ]
     signal = {name: 0.0 for name in modules}
     noise = {name: {label: 0.0 for label, _ in variants[name]} for name in modules}
 
@@ -162,9 +185,9 @@ def layer_report(
     layers = {}
     for name in modules:
         info = calibration.layers[name]
-        errors = LayerErrors(name, info.kind, info.macs, info.params)
-        for config in settings:
-            label = config.setting()
+        errors = LayerErrors(name, info.kind, info.macs, info.params, weight_only=info.weight_only)
+        for config in layer_settings[name]:
+            label = errors.label(config)
             n, s = noise[name][label], signal[name]
             errors.sqnr[label] = math.inf if n == 0 else (-math.inf if s == 0 else 10 * math.log10(s / n))
             errors.settings[label] = config

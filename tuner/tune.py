@@ -335,7 +335,7 @@ def _verify(result: TuneResult, evaluate, budget: Budget, report: LayerReport, t
     gap = abs(deployed - result.score) / (abs(result.baseline) or 1.0)
     log(f"[quanttune] deployed (ONNX Runtime) score {deployed:.6g}, drop {budget.format(result.deployed_drop)}")
     if gap > tolerance or not budget.met(result.deployed_drop) and result.met:
-        suspects = sorted(result.plan.int8_layers, key=lambda n: report.layers[n].sqnr[result.plan.config(n).setting()])[:3]
+        suspects = sorted(result.plan.int8_layers, key=lambda n: report.layers[n].sqnr_of(result.plan.config(n)))[:3]
         message = (f"the deployed model scores {deployed:.6g} against {result.score:.6g} simulated "
                    f"(gap {gap:.3%} of the baseline); the layers most likely responsible (lowest SQNR): "
                    f"{', '.join(suspects)}")

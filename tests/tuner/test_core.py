@@ -9,6 +9,9 @@ from tuner import (
     FP32, CalibrationError, InvalidPlanError, LayerConfig, Plan, QuantizedLayer, apply_plan, calibrate, layer_report,
 )
 from tuner.examples import digits
+from tuner.quant import quantize
+from tuner.sensitivity import rank_layers
+from tuner.space import SearchSpace, plan_for
 
 
 def test_calibration_is_one_forward_pass_per_batch(digits_model, digits_batches):
@@ -79,7 +82,8 @@ def test_unknown_layer_and_bad_calibration_are_clear_errors(digits_model, digits
 
 def test_transformer_with_keyword_inputs_and_tuple_output_runs_under_a_plan(tiny_encoder, encoder_batches):
     calib = calibrate(tiny_encoder, encoder_batches)
-    assert "head" in calib.layers and "layer.down" in calib.layers and len(calib.layers) == 6
+    assert "head" in calib.layers and "layer.down" in calib.layers and "embed" in calib.layers
+    assert len(calib.layers) == 7  # the embedding, 5 block Linears, the head
     plan = calib.uniform_plan(LayerConfig(activation="mse"))
     quantized = apply_plan(tiny_encoder, plan, calib)
     out, hidden = quantized(**encoder_batches[0])
@@ -105,3 +109,72 @@ def test_layer_report_measures_every_setting_and_coverage(digits_model, digits_b
     assert cov["int8_bytes"] < cov["fp32_bytes"]
     full = report.coverage(report.best_plan())
     assert full["macs"] == 1.0 and full["int8_bytes"] < 0.3 * full["fp32_bytes"]
+
+
+# -- embeddings: weight-only INT8 layers ---------------------------------------------------------
+
+
+def test_embedding_is_calibrated_as_a_weight_only_layer(tiny_encoder, encoder_batches):
+    calib = calibrate(tiny_encoder, encoder_batches)
+    assert list(calib.layers)[0] == "embed"
+    embed = calib.layers["embed"]
+    assert embed.kind == "Embedding" and embed.weight_only
+    assert embed.calls == len(encoder_batches) and embed.macs == 0 and embed.params == 50 * 32
+    assert embed.input.count == 0  # integer input: no activation statistics
+    assert all(info.macs > 0 and not info.weight_only for name, info in calib.layers.items() if name != "embed")
+    with pytest.raises(InvalidPlanError, match="weight-only"):
+        calib.activation_qparams("embed", "max", False)
+    # its table counts in the parameters and bytes made INT8, not in the MACs
+    only_embed = Plan({"embed": LayerConfig()})
+    cov = calib.coverage(only_embed)
+    assert cov["macs"] == 0.0 and cov["params"] == pytest.approx(1600 / calib.model_params)
+    assert cov["int8_bytes"] == cov["fp32_bytes"] - 3 * 1600 + 4 * 50  # 1 byte per entry + a scale per row
+
+
+def test_apply_plan_quantizes_an_embedding_table_per_row(tiny_encoder, encoder_batches):
+    before = tiny_encoder.embed.weight.detach().clone()
+    ids = encoder_batches[0]["input_ids"]
+    calib = calibrate(tiny_encoder, encoder_batches)
+    quantized = apply_plan(tiny_encoder, calib.uniform_plan(), calib)
+    q = quantized.embed
+    assert isinstance(q, QuantizedLayer) and q.weight_only and q.act_qparams is None
+    assert q.weight_qparams.symmetric and q.weight_qparams.axis == 0 and q.weight_qparams.scale.shape == (50,)
+    # one scale per row: max|row| / 127, every entry a multiple of its row's scale in [-127, 127]
+    torch.testing.assert_close(q.weight_qparams.scale, before.abs().amax(1) / 127)
+    codes = quantize(before, q.weight_qparams)
+    assert codes.abs().max() == 127 and torch.equal(q.weight, codes * q.weight_qparams.scale[:, None])
+    assert torch.equal(q(ids), q.weight[ids])  # the output rows are the quantized table's rows
+    assert not torch.equal(q(ids), tiny_encoder.embed(ids)) and torch.allclose(q(ids), tiny_encoder.embed(ids), atol=0.02)
+    # the caller's model is untouched
+    assert type(tiny_encoder.embed) is torch.nn.Embedding and torch.equal(tiny_encoder.embed.weight, before)
+
+    per_tensor = apply_plan(tiny_encoder, Plan({"embed": LayerConfig(weights="per_tensor")}), calib).embed
+    assert per_tensor.weight_qparams.scale.dim() == 0
+    assert per_tensor.weight_qparams.scale == pytest.approx(before.abs().max().item() / 127)
+    with pytest.raises(InvalidPlanError, match="'embed'.*weight-only.*smooth"):
+        apply_plan(tiny_encoder, Plan({"embed": LayerConfig(smooth=0.5)}), calib)
+
+
+def test_report_measures_an_embedding_under_weight_settings_only(tiny_encoder, encoder_batches):
+    calib = calibrate(tiny_encoder, encoder_batches)
+    report = layer_report(tiny_encoder, calib)
+    embed = report.layers["embed"]
+    assert embed.weight_only and embed.macs == 0
+    assert set(embed.sqnr) == {"weight-only/per_channel", "weight-only/per_tensor"}
+    assert embed.sqnr["weight-only/per_channel"] > embed.sqnr["weight-only/per_tensor"] > 30
+    assert len(report.layers["head"].sqnr) == 28
+    # a restricted allowed list still picks a measured setting: only `weights` matters here
+    mse_sym_tensor = LayerConfig("int8", "mse", "symmetric", "per_tensor")
+    assert embed.best([mse_sym_tensor]).weights == "per_tensor"
+    assert embed.best([LayerConfig(smooth=0.5)]).weights == "per_channel"
+    assert embed.best() == LayerConfig(weights="per_channel")
+    # the search space's plans and the sensitivity ranking include it
+    space = SearchSpace()
+    plan = plan_for(space.point(0, activation="mse", weights="per_tensor", smooth=False), space, report, [])
+    assert plan.layers["embed"] == LayerConfig(weights="per_tensor") and plan.layers["head"].activation == "mse"
+    ranking = rank_layers(tiny_encoder, calib, report.best_plan())
+    assert sorted(ranking) == sorted(calib.layers)
+    assert report.table()[0]["best_setting"] == "weight-only/per_channel"
+    # a report restricted to one weight granularity measures just that one for the embedding
+    only = layer_report(tiny_encoder, calib, [LayerConfig(activation="mse", weights="per_tensor")])
+    assert list(only.layers["embed"].sqnr) == ["weight-only/per_tensor"]

@@ -107,6 +107,9 @@ def test_transformer_with_keyword_inputs_and_tuple_output(tmp_path):
 
     assert list(tuner.quantizable_layers(loaded)) == list(tuner.quantizable_layers(eager))
     assert "layers.1.query" in tuner.quantizable_layers(loaded) and "head" in tuner.quantizable_layers(loaded)
+    embed = tuner.quantizable_layers(loaded)["embed"]  # read through the head's tied weight in the archive
+    assert type(embed) is nn.Embedding and embed.weight.shape == (100, 32)
+    torch.testing.assert_close(embed.weight, eager.embed.weight, rtol=0, atol=0)
     other = _tokens(3, 9, 1)  # another batch size and sequence length
     with torch.no_grad():
         out = loaded(**other)
@@ -116,9 +119,47 @@ def test_transformer_with_keyword_inputs_and_tuple_output(tmp_path):
 
     data = [_tokens(4, 6, 2), _tokens(2, 11, 3)]
     eager_cal, loaded_cal = tuner.calibrate(eager, data), tuner.calibrate(loaded, data)
+    assert list(loaded_cal.layers) == list(eager_cal.layers) and loaded_cal.layers["embed"].weight_only
+    for plan in (loaded_cal.uniform_plan(), loaded_cal.uniform_plan().fallback(["embed"])):
+        int8_loaded = tuner.apply_plan(loaded, plan, loaded_cal)
+        assert isinstance(int8_loaded.get_submodule("head"), tuner.QuantizedLayer)
+        with torch.no_grad():  # an FP32 tied embedding keeps reading the FP32 weight, as in the eager model
+            _same_outputs(int8_loaded(**other), tuner.apply_plan(eager, plan, eager_cal)(**other))
+
+
+class _Padded(nn.Module):
+    """Token and position embeddings (the first with a padding row) and a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = nn.Embedding(20, 8, padding_idx=0)
+        self.positions = nn.Embedding(16, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.fc(self.tokens(ids) + self.positions(torch.arange(ids.shape[1]))).mean(1)
+
+
+def test_embeddings_keep_their_names_and_padding_row(tmp_path):
+    torch.manual_seed(0)
+    eager = _Padded().eval()
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 20, (4, 6), generator=g), torch.randint(0, 20, (3, 9), generator=g)]
+    loaded = load_exported(export_model(eager, data[0], tmp_path / "padded.pt2"))
+
+    layers = tuner.quantizable_layers(loaded)
+    assert list(layers) == list(tuner.quantizable_layers(eager)) == ["tokens", "positions", "fc"]
+    assert type(layers["tokens"]) is nn.Embedding and layers["tokens"].padding_idx == 0
+    assert layers["positions"].padding_idx is None and layers["positions"].num_embeddings == 16
+    with torch.no_grad():
+        _same_outputs(loaded(data[1]), eager(data[1]))
+    eager_cal, loaded_cal = tuner.calibrate(eager, data), tuner.calibrate(loaded, data)
     plan = loaded_cal.uniform_plan()
-    with torch.no_grad():  # the tied embedding keeps reading the FP32 weight, as in the eager model
-        _same_outputs(tuner.apply_plan(loaded, plan, loaded_cal)(**other), tuner.apply_plan(eager, plan, eager_cal)(**other))
+    assert plan.int8_layers == ["fc", "positions", "tokens"]
+    int8 = tuner.apply_plan(loaded, plan, loaded_cal)
+    assert isinstance(int8.get_submodule("tokens"), tuner.QuantizedLayer) and type(loaded.get_submodule("tokens")) is nn.Embedding
+    with torch.no_grad():
+        _same_outputs(int8(data[1]), tuner.apply_plan(eager, plan, eager_cal)(data[1]))
 
 
 def test_core_aten_archive_keeps_its_convolutions_and_says_why_linears_stay_fp32(tmp_path):
@@ -298,8 +339,10 @@ def test_minilm_round_trip(tmp_path):
     loaded = load_exported(export_model(eager, data[0], tmp_path / "minilm.pt2"))
 
     names = list(tuner.quantizable_layers(loaded))
-    assert names == list(tuner.quantizable_layers(eager)) and len(names) == 36
+    assert names == list(tuner.quantizable_layers(eager)) and len(names) == 39  # 36 Linears, 3 embeddings
     assert "encoder.encoder.layer.0.attention.self.query" in names
+    assert type(loaded.get_submodule("encoder.embeddings.word_embeddings")) is nn.Embedding
+    assert loaded.get_submodule("encoder.embeddings.word_embeddings").padding_idx == 0
     ids, mask = data[1]
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids[:5, :4], mask[:5, :4]), eager(ids[:5, :4], mask[:5, :4]), rtol=1e-5, atol=1e-5)

@@ -385,3 +385,92 @@ def test_latency_times_one_model_or_several_in_turns(cnn, int8_cnn):
     assert set(timings) == {"torch", "onnxruntime"} and all(t["runs"] == 3 for t in timings.values())
     with pytest.raises(InvalidArgumentError, match="runs >= 1"):
         latency(model, batches[0], runs=0)
+
+
+# -- embeddings --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    model = TinyEncoder().eval()
+    batches = token_batches(3)
+    return model, batches, calibrate(model, batches)
+
+
+def deployed_tensor(path, tmp_path, name: str, feed: dict[str, np.ndarray]) -> torch.Tensor:
+    """The value ONNX Runtime computes for the intermediate tensor `name`."""
+    sub = tmp_path / "upto.onnx"
+    onnx.utils.extract_model(str(path), str(sub), list(feed), [name])
+    session = ort.InferenceSession(str(sub), session_options(1), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, feed)[0])
+
+
+@pytest.mark.parametrize("weights", ["per_channel", "per_tensor"])
+def test_int8_embedding_gathers_int8_rows_then_dequantizes_them(encoder, tmp_path, weights):
+    model, _, cal = encoder
+    plan = cal.uniform_plan(LayerConfig(activation="mse", weights=weights))
+    path = export_onnx(model, plan, cal, tmp_path / "encoder.onnx")
+    proto = onnx.load(path)
+    consumers = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    producer = {o: n for n in proto.graph.node for o in n.output}
+
+    # the table is an int8 initializer holding exactly the simulation's codes
+    wqp, _ = cal.weight("embed", weights)
+    table = value_of(proto, "embed.weight")
+    assert table.dtype == np.int8 and table.shape == (50, 32)
+    np.testing.assert_array_equal(table, quantize(model.embed.weight.detach(), wqp).numpy())
+    # Gather(int8 rows) -> Cast -> Mul by the rows' scales: no DequantizeLinear of the whole table
+    (gather,) = consumers["embed.weight"]
+    assert gather.op_type == "Gather" and list(gather.input) == ["embed.weight", "input_ids"]
+    (cast,) = consumers[gather.output[0]]
+    (mul,) = consumers[cast.output[0]]
+    assert (cast.op_type, mul.op_type) == ("Cast", "Mul")
+    assert cast.attribute[0].i == onnx.TensorProto.FLOAT
+    scale_input = next(i for i in mul.input if i != cast.output[0])
+    if weights == "per_channel":
+        scale_gather = producer[scale_input]
+        assert scale_gather.op_type == "Gather" and list(scale_gather.input) == ["embed.weight_scale", "input_ids"]
+        np.testing.assert_array_equal(value_of(proto, "embed.weight_scale").reshape(-1), wqp.scale.numpy())
+    else:
+        assert value_of(proto, scale_input).ndim == 0 and value_of(proto, scale_input) == wqp.scale.item()
+    assert not any(n.op_type == "DequantizeLinear" and "embed.weight" in n.input for n in proto.graph.node)
+    meta = read_metadata(path)["layers"]["embed"]
+    assert meta == {"precision": "int8", "op": "Gather", "weight": "embed.weight",
+                    "weight_axis": 0 if weights == "per_channel" else None,
+                    "weight_scale": scale_input if weights == "per_tensor" else "embed.weight_scale",
+                    "input": "input_ids"}
+    assert mul.name == "embed/dequantize" and gather.name == "embed/gather"
+
+    # deployed == simulated: the embedding's rows exactly, the outputs within quantization noise
+    simulated = apply_plan(model, plan, cal)
+    test = token_batches(2, batch=6, seed=7)[1]
+    rows = deployed_tensor(path, tmp_path, mul.output[0], {"input_ids": test["input_ids"].numpy()})
+    with torch.no_grad():
+        assert torch.equal(rows, simulated.embed(test["input_ids"]))
+        want = simulated(**test)
+        got = load_onnx(path)(**test)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0.05 * float(w.abs().max()))
+
+
+def test_fp32_embedding_stays_float(encoder, tmp_path):
+    model, _, cal = encoder
+    plan = cal.uniform_plan(MSE).fallback(["embed"])
+    path = export_onnx(model, plan, cal, tmp_path / "encoder.onnx")
+    proto = onnx.load(path)
+    embed = next(i for i in proto.graph.initializer if i.name == "embed.weight")
+    assert embed.data_type == onnx.TensorProto.FLOAT
+    (gather,) = [n for n in proto.graph.node if "embed.weight" in n.input]
+    assert gather.op_type == "Gather"  # float rows, used as they are: nothing casts or rescales them
+    assert not [n for n in proto.graph.node if gather.output[0] in n.input and n.op_type in ("Cast", "Mul")]
+    assert read_metadata(path)["layers"]["embed"] == {"precision": "fp32"}
+    assert read_metadata(path)["layers"]["query"]["precision"] == "int8"
+    test = token_batches(2, batch=6, seed=7)[1]
+    with torch.no_grad():
+        want, got = apply_plan(model, plan, cal)(**test), load_onnx(path)(**test)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0.05 * float(w.abs().max()))

@@ -149,3 +149,29 @@ def test_a_trial_interrupted_by_a_dead_worker_is_tried_again(tmp_path, digits_mo
     from tuner.study import Budget, stored_outcomes
     known = stored_outcomes(study, Budget(0.01, True, True))
     assert "interrupted-plan" not in known  # so a plan it held would be evaluated again
+
+
+def test_tune_a_model_with_an_embedding_keeps_it_int8(tiny_encoder, encoder_batches):
+    """The embedding is a weight-only layer of the plan; the ledger explains it without talking
+    about input calibration; the deployed ONNX model scores like the simulated one."""
+    test = encoder_batches[0]
+    with torch.no_grad():
+        reference = tiny_encoder(**test)[0]
+
+    def agreement(model):  # cosine similarity x 100 of the pooled output with the FP32 model's
+        with torch.no_grad():
+            out = model(**test)[0]
+        return 100 * torch.nn.functional.cosine_similarity(out, reference, dim=-1).mean().item()
+
+    result = tune(tiny_encoder, encoder_batches, agreement, max_drop=0.01, verbose=False)
+    assert result.met and result.fp32_layers == []
+    assert "embed" in result.int8_layers and len(result.plan.layers) == 7
+    assert result.plan.layers["embed"].weights == "per_channel" and not result.plan.layers["embed"].smooth
+    assert result.evaluations == 3  # baseline, one plan, the ONNX Runtime check
+    assert result.deployed_score == pytest.approx(result.score, abs=0.05)
+    entry = result.ledger["embed"]
+    assert entry["decision"] == "int8 weight-only/per_channel" and entry["weight_only"]
+    assert set(entry["sqnr_db"]) == {"weight-only/per_channel", "weight-only/per_tensor"}
+    assert "weight-only per_channel" in entry["reason"] and "met the budget" in entry["reason"]
+    assert "max/affine" not in entry["reason"] and "affine" not in entry["reason"]
+    assert result.coverage["params"] > 0.9
