@@ -8,6 +8,7 @@ import logging
 import shutil
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,57 @@ from . import evaluators
 from .queue import Claim, Queue
 
 log = logging.getLogger("quanttune.worker")
+
+
+def tracking_storage(url: str, settings: Settings) -> Any:
+    """An Optuna RDB storage (trial heartbeats on) that remembers the trials this process runs,
+    so that the worker's heartbeat thread keeps them alive and another worker can tell a slow trial
+    from one whose worker died (Optuna wraps storages in `_CachedStorage`, so this does not depend
+    on the caller seeing an `RDBStorage`)."""
+    import optuna
+
+    class TrackingStorage(optuna.storages.RDBStorage):
+        def __init__(self) -> None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                super().__init__(url, engine_kwargs=optuna_engine_kwargs(url), skip_compatibility_check=True,
+                                 skip_table_creation=True, heartbeat_interval=settings.trial_heartbeat_seconds,
+                                 grace_period=settings.trial_grace_seconds)
+            self.created: set[int] = set()
+            self._lock = threading.Lock()
+
+        def create_new_trial(self, study_id: int, template_trial: Any = None) -> int:
+            trial_id = super().create_new_trial(study_id, template_trial)
+            if template_trial is None or template_trial.state.name == "RUNNING":
+                self._track(trial_id)
+            return trial_id
+
+        def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
+            # `study.ask()` takes an enqueued (WAITING) trial by switching it to RUNNING here
+            changed = super().set_trial_state_values(trial_id, state, values)
+            if changed and state.name == "RUNNING":
+                self._track(trial_id)
+            return changed
+
+        def _track(self, trial_id: int) -> None:
+            self.record_heartbeat(trial_id)
+            with self._lock:
+                self.created.add(trial_id)
+
+        def beat(self) -> None:
+            """Heartbeat this process's RUNNING trials; forget the finished ones."""
+            from optuna.trial import TrialState
+
+            with self._lock:
+                mine = list(self.created)
+            for trial_id in mine:
+                if self.get_trial(trial_id).state == TrialState.RUNNING:
+                    self.record_heartbeat(trial_id)
+                else:
+                    with self._lock:
+                        self.created.discard(trial_id)
+
+    return TrackingStorage()
 
 
 class JobInputError(tuner.QuanttuneError):
@@ -100,7 +152,9 @@ class JobRun:
 
     # -- heartbeat -------------------------------------------------------------------------------
     def heartbeat(self, done: threading.Event) -> None:
-        while not done.wait(self.settings.heartbeat_interval):
+        """Renew the lease; keep this process's trials alive; fail other workers' stale trials."""
+        period = min(self.settings.heartbeat_interval, self.settings.trial_heartbeat_seconds)
+        while not done.wait(period):
             try:
                 if not self.queue.renew(self.claim):
                     log.warning("job %s: lease of slot %s lost", self.claim.job_id, self.claim.slot)
@@ -108,8 +162,28 @@ class JobRun:
                     return
                 if self.queue.status(self.claim.job_id) != "running":
                     self.ended.set()
+                self._storage.beat()
+                self._fail_stale_trials()
             except Exception:  # a database hiccup: try again next beat (the lease has slack)
                 log.exception("job %s: heartbeat failed", self.claim.job_id)
+
+    def _fail_stale_trials(self) -> None:
+        """A RUNNING trial whose worker stopped beating is failed (without an error: the search
+        retries its plan), so that workers waiting on it go on."""
+        import optuna
+
+        try:
+            study = optuna.load_study(study_name=study_name(self.claim.job_id), storage=self._storage)
+        except KeyError:
+            return  # the study does not exist yet (or was deleted)
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        after = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+        if before - after:
+            log.warning("job %s: trial(s) %s had no heartbeat for %ss: marked FAIL, their plans are retried",
+                        self.claim.job_id, sorted(before - after), self.settings.trial_grace_seconds)
 
     def should_stop(self) -> bool:
         if self.shutdown.is_set() or self.lost.is_set() or self.ended.is_set():
@@ -166,20 +240,12 @@ class JobRun:
         job = self.queue.job(self.claim.job_id)
         if job is None:
             return "lost"
+        # trial heartbeats: a trial left RUNNING by a dead worker is failed (and retried) after the grace period
+        self._storage = tracking_storage(self.settings.db_url, self.settings)
         done = threading.Event()
         beat = threading.Thread(target=self.heartbeat, args=(done,), daemon=True, name=f"heartbeat-{job.id}")
         beat.start()
         workdir = Path(tempfile.mkdtemp(prefix=f"job-{job.id}-", dir=self._work_root()))
-        import warnings
-
-        import optuna
-
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        # trial heartbeats: a trial left RUNNING by a dead worker is failed (and retried) after the grace period
-        self._storage = optuna.storages.RDBStorage(
-            self.settings.db_url, engine_kwargs=optuna_engine_kwargs(self.settings.db_url),
-            skip_compatibility_check=True, skip_table_creation=True,
-            heartbeat_interval=self.settings.trial_heartbeat_seconds, grace_period=self.settings.trial_grace_seconds)
         try:
             return self._run(job.spec, workdir)
         finally:

@@ -146,7 +146,7 @@ def test_two_workers_share_a_job_and_one_is_killed_mid_job(processes: Processes,
     token = processes.run("token", "create", "--db", db, "--name", "e2e").strip().splitlines()[-1]
     processes.start("api", "serve", "--db", db, "--port", str(port), "--workers", "0", "--no-migrate",
                     "--data-dir", str(tmp_path / "api"))
-    worker_env = {"QT_TEST_EVAL_SLEEP": "1.5", "QUANTTUNE_LEASE_SECONDS": "6", "QUANTTUNE_TRIAL_GRACE_SECONDS": "12",
+    worker_env = {"QT_TEST_EVAL_SLEEP": "3", "QUANTTUNE_LEASE_SECONDS": "6", "QUANTTUNE_TRIAL_GRACE_SECONDS": "12",
                   "QUANTTUNE_POLL_SECONDS": "0.3"}
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"},
                       timeout=30) as client:
@@ -160,9 +160,20 @@ def test_two_workers_share_a_job_and_one_is_killed_mid_job(processes: Processes,
         poll(client, job_id, processes, lambda j: j["progress"]["trials"] >= 1, timeout=240)
         processes.start("worker-2", "worker", "--db", db, "--data-dir", str(tmp_path / "w2"), extra_env=worker_env)
         poll(client, job_id, processes, lambda j: j["workers"] == 2, timeout=120)
+
+        def running_trial() -> dict | None:
+            found = client.get(f"/v1/jobs/{job_id}/trials", params={"state": "RUNNING"}).json()["data"]
+            return found[0] if found else None
+
+        deadline = time.monotonic() + 60
+        while (interrupted := running_trial()) is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert interrupted is not None, processes.logs()
+        # worker-2 has not started searching yet (it prints the baseline first): the RUNNING trial is worker-1's
+        assert "[quanttune] baseline" not in (tmp_path / "worker-2.log").read_text(), processes.logs()
         before = client.get(f"/v1/jobs/{job_id}/trials", params={"state": "COMPLETE"}).json()["data"]
         assert before and client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
-        os.kill(doomed.pid, signal.SIGKILL)
+        os.kill(doomed.pid, signal.SIGKILL)  # mid-trial
         doomed.wait(10)
         job = poll(client, job_id, processes, lambda j: j["status"] == "succeeded", timeout=300)
         after = {t["number"]: t for t in client.get(f"/v1/jobs/{job_id}/trials", params={"limit": 1000}).json()["data"]}
@@ -173,3 +184,7 @@ def test_two_workers_share_a_job_and_one_is_killed_mid_job(processes: Processes,
         assert len([t for t in after.values() if t["state"] == "COMPLETE"]) > len(before)  # the survivor went on
         assert job["progress"]["trials"] == sum(t["state"] in ("COMPLETE", "FAIL") for t in after.values())
         assert not [t for t in after.values() if t["state"] == "RUNNING"]  # the killed worker's trial is closed
+        assert after[interrupted["number"]]["state"] == "FAIL" and after[interrupted["number"]]["error"]
+        assert interrupted["summary"] and any(  # its plan was tried again, by the survivor
+            t["number"] > interrupted["number"] and t["summary"] == interrupted["summary"] and t["state"] == "COMPLETE"
+            for t in after.values())
