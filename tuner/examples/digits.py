@@ -1,11 +1,12 @@
 """A small CNN on scikit-learn's handwritten digits, with one outlier channel.
 
-Trained in a few seconds, deterministically, and cached per process. After training, one
-channel of `conv2` is scaled up by `OUTLIER` and the matching `fc1` input columns scaled down by
-the same factor: the network computes the same function (ReLU and max-pool commute with a positive
-scale), but `fc1`'s input now has one channel far larger than the rest, as real CNNs and
-transformers often do. Naive per-tensor INT8 then crushes every other channel of that input and
-breaks a 1% budget, so a tuner has something to find.
+Trained in a few seconds, deterministically, and cached per process. After training, output
+channel 7 of `fc1` is scaled up by `OUTLIER` and the matching `fc2` input column scaled down by
+the same factor: the network computes the same function (ReLU commutes with a positive scale),
+but `fc1` now has one weight row far larger than the rest and `fc2`'s input one channel far larger
+than the rest, as real CNNs and transformers often do. Naive INT8 (per-tensor weights and
+ranges) crushes every other row and channel and falls to ~16% accuracy; per-channel weights
+alone still miss a 1% budget; a tuner has something to find.
 
     build_model()       -> the trained FP32 model (eval mode)
     calibration_data()  -> list of 4 batches of 32 training images, shape [32, 1, 8, 8]
@@ -67,9 +68,9 @@ def _trained_state() -> dict[str, torch.Tensor]:
             optimizer.step()
     with torch.no_grad():  # plant the outlier channel without changing the function
         channel = 7
-        model.conv2.weight[channel] *= OUTLIER
-        model.conv2.bias[channel] *= OUTLIER
-        model.fc1.weight.view(64, 32, 16)[:, channel, :] /= OUTLIER
+        model.fc1.weight[channel] *= OUTLIER
+        model.fc1.bias[channel] *= OUTLIER
+        model.fc2.weight[:, channel] /= OUTLIER
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
