@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
 
 from .plan import Plan
@@ -29,7 +30,9 @@ GRACE_S = 30
 
 def open_study(storage: str | optuna.storages.BaseStorage | None, study_name: str | None, seed: int) -> optuna.Study:
     if isinstance(storage, str):
-        storage = optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna; we rely on them knowingly
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
     sampler = optuna.samplers.TPESampler(seed=seed)
     return optuna.create_study(storage=storage, study_name=study_name, direction="maximize",
                                sampler=sampler, load_if_exists=True)
@@ -97,9 +100,14 @@ def _outcome(t: optuna.trial.FrozenTrial, budget: Budget) -> Outcome:
                    attrs.get("error"), attrs.get("duration_s", 0.0), attrs.get("overhead_s", 0.0), reused=True)
 
 
+def _heartbeat_enabled(storage: Any) -> bool:
+    # Optuna wraps an RDBStorage in a caching storage: ask the heartbeat interface, not the class
+    return isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval() is not None
+
+
 def running_elsewhere(study: optuna.Study, plan_key: str) -> bool:
     storage = study._storage
-    if isinstance(storage, optuna.storages.RDBStorage) and storage.is_heartbeat_enabled():
+    if _heartbeat_enabled(storage):
         with warnings.catch_warnings():  # experimental in Optuna, and stable enough for us
             warnings.simplefilter("ignore")
             optuna.storages.fail_stale_trials(study)  # a worker that died mid-trial leaves it RUNNING
@@ -118,7 +126,7 @@ class _Heartbeat:
         self.thread: threading.Thread | None = None
 
     def __enter__(self) -> _Heartbeat:
-        if isinstance(self.storage, optuna.storages.RDBStorage) and self.storage.is_heartbeat_enabled():
+        if _heartbeat_enabled(self.storage):
             self.storage.record_heartbeat(self.trial_id)
             self.thread = threading.Thread(target=self._beat, daemon=True)
             self.thread.start()
@@ -157,7 +165,9 @@ def run_trial(
     start = time.perf_counter()
     if propose is not None:
         study.enqueue_trial(propose, skip_if_exists=False)
-    trial = study.ask()
+    with warnings.catch_warnings():  # we keep the heartbeat ourselves (`_Heartbeat`), not Study.optimize
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        trial = study.ask()
     plan, coverage = make_plan(suggest(trial))
     key = plan.key()
     for name, value in (("plan", plan.to_dict()), ("plan_key", key), ("summary", plan.summary()),

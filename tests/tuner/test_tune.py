@@ -176,3 +176,20 @@ def test_tune_a_model_with_an_embedding_keeps_it_int8(tiny_encoder, encoder_batc
     assert "weight-only per_channel" in entry["reason"] and "met the budget" in entry["reason"]
     assert "max/affine" not in entry["reason"] and "affine" not in entry["reason"]
     assert result.coverage["params"] > 0.9
+
+
+def test_trials_in_rdb_storage_record_heartbeats(tmp_path, digits_model, digits_batches):
+    """Another worker tells a slow trial from a dead one by its heartbeat row."""
+    import sqlite3
+
+    db = tmp_path / "study.db"
+    seen = []
+
+    def evaluate(model):
+        with sqlite3.connect(db) as con:  # the running trial's heartbeat, read while it runs
+            seen.extend(con.execute("SELECT trial_id FROM trial_heartbeats").fetchall())
+        return digits.evaluate(model)
+
+    tune(digits_model, digits_batches, evaluate, storage=f"sqlite:///{db}", study_name="hb", verify=False,
+         verbose=False)
+    assert seen  # recorded before evaluate ran (the baseline call sees none: it is no trial)
