@@ -11,7 +11,10 @@ Per case and thread count: median latency of torch FP32, ONNX Runtime FP32 and O
 (timed in turns in the same run, so the ratios are fair on a busy machine), the FP32 and fully INT8
 file sizes, how many INT8 layers ONNX Runtime runs in INT8 kernels, and for the bench cases the
 metric of the FP32 model, the simulated INT8 model (apply_plan) and the deployed INT8 model.
-The plan is fully INT8 with `LayerConfig(activation="mse", weights="per_channel")` for every layer.
+The plan is fully INT8 with `LayerConfig(activation="mse", weights="per_channel")` for every layer
+(embeddings included: weight-only, per-row scales). For a model with embeddings the same plan with
+its embeddings kept FP32 is exported and timed too (in the same turns), to show what INT8
+embeddings change in file size and latency.
 """
 
 from __future__ import annotations
@@ -117,10 +120,12 @@ def run_case(name, model, batches, timing_batch, evaluate, args, tmp: pathlib.Pa
     plan = calibration.uniform_plan(CONFIG)
     fp32_path = export_onnx(model, Plan(), calibration, tmp / f"{name}-fp32.onnx")
     int8_path = export_onnx(model, plan, calibration, tmp / f"{name}-int8.onnx")
+    embeddings = [n for n in plan.int8_layers if calibration.layers[n].weight_only]
     ops = kernel_report(int8_path, tmp)
     row = {
         "case": name,
-        "int8_layers": len(plan.int8_layers),
+        "int8_layers": len(plan.int8_layers) - len(embeddings),  # Linear/Conv: the layers with INT8 kernels
+        "int8_embeddings": len(embeddings),
         "int8_kernels": sum(ops[k] for k in INT8_KERNELS),
         "kernels": {k: ops[k] for k in INT8_KERNELS if ops[k]},
         "fp32_bytes": fp32_path.stat().st_size,
@@ -128,19 +133,26 @@ def run_case(name, model, batches, timing_batch, evaluate, args, tmp: pathlib.Pa
         "latency": {},
     }
     row["size_ratio"] = row["int8_bytes"] / row["fp32_bytes"]
+    fp32_embed_path = None
+    if embeddings:  # the same plan with FP32 embeddings: what INT8 embeddings change
+        fp32_embed_path = export_onnx(model, plan.fallback(embeddings), calibration, tmp / f"{name}-int8-fp32emb.onnx")
+        row["fp32_embed_bytes"] = fp32_embed_path.stat().st_size
+        row["fp32_embed_size_ratio"] = row["fp32_embed_bytes"] / row["fp32_bytes"]
     row["layer_bytes_ratio"] = layer_bytes(int8_path, plan.int8_layers) / fp32_layer_bytes(model, plan.int8_layers)
     torch_threads = torch.get_num_threads()
     try:
         for threads in args.threads:
             torch.set_num_threads(threads)
-            timed = latency(
-                {"torch_fp32": model, "ort_fp32": load_onnx(fp32_path, threads=threads),
-                 "ort_int8": load_onnx(int8_path, threads=threads)},
-                timing_batch, runs=args.runs, warmup=3,
-            )
+            models = {"torch_fp32": model, "ort_fp32": load_onnx(fp32_path, threads=threads),
+                      "ort_int8": load_onnx(int8_path, threads=threads)}
+            if fp32_embed_path is not None:
+                models["ort_int8_fp32_embed"] = load_onnx(fp32_embed_path, threads=threads)
+            timed = latency(models, timing_batch, runs=args.runs, warmup=3)
             t = {k: v["median"] * 1000 for k, v in timed.items()}
             t["int8_vs_ort_fp32"] = t["ort_fp32"] / t["ort_int8"]
             t["int8_vs_torch_fp32"] = t["torch_fp32"] / t["ort_int8"]
+            if fp32_embed_path is not None:
+                t["int8_embed_vs_fp32_embed"] = t["ort_int8_fp32_embed"] / t["ort_int8"]
             row["latency"][threads] = t
     finally:
         torch.set_num_threads(torch_threads)
@@ -158,7 +170,7 @@ def run_case(name, model, batches, timing_batch, evaluate, args, tmp: pathlib.Pa
 
 def print_table(rows: list[dict], threads: list[int]) -> None:
     print("\n| case | threads | torch FP32 ms | ORT FP32 ms | ORT INT8 ms | INT8 vs ORT FP32 | INT8 vs torch |"
-          " INT8 kernels / INT8 layers |")
+          " INT8 kernels / INT8 Linear+Conv layers |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         for t in threads:
@@ -174,6 +186,18 @@ def print_table(rows: list[dict], threads: list[int]) -> None:
                   f"{r['simulated_drop']:+.3%} | {r['deployed_drop']:+.3%}") if "baseline" in r else "- | - | - | - | -"
         print(f"| {r['case']} | {r['fp32_bytes'] / 1e6:.2f} MB | {r['int8_bytes'] / 1e6:.2f} MB | "
               f"{r['size_ratio']:.1%} | {r['layer_bytes_ratio']:.1%} | {metric} |")
+    with_embeddings = [r for r in rows if r["int8_embeddings"]]
+    if with_embeddings:
+        print("\nINT8 embeddings (weight-only, Gather of int8 rows) vs the same plan with FP32 embeddings:")
+        print("| case | threads | INT8 file, FP32 embeddings | INT8 file, INT8 embeddings | ORT INT8 ms, FP32 embeddings |"
+              " ORT INT8 ms, INT8 embeddings | speed ratio |")
+        print("|---|---|---|---|---|---|---|")
+        for r in with_embeddings:
+            for t in threads:
+                lat = r["latency"][t]
+                print(f"| {r['case']} | {t} | {r['fp32_embed_bytes'] / 1e6:.2f} MB ({r['fp32_embed_size_ratio']:.1%}) | "
+                      f"{r['int8_bytes'] / 1e6:.2f} MB ({r['size_ratio']:.1%}) | {lat['ort_int8_fp32_embed']:.2f} | "
+                      f"{lat['ort_int8']:.2f} | {lat['int8_embed_vs_fp32_embed']:.2f}x |")
 
 
 def print_targets(rows: list[dict]) -> None:
