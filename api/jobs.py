@@ -23,7 +23,7 @@ from .models import Job, JobFile, Lease
 from .references import resolve
 from .schemas import FINISHED_STATUSES, JobCreate, JobPublic, Progress
 from .settings import Settings
-from .tensorfiles import check_dataset, read_tensors, sniff
+from .tensorfiles import check_dataset, describe_batch, read_tensors, sniff, to_batches
 
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -42,11 +42,23 @@ def safe_filename(name: str | None, default: str) -> str:
     return base or default
 
 
+class _NotJson(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> float:
+    raise _NotJson(f"{name} is not a JSON value (numbers must be finite)")
+
+
 def parse_spec(text: str) -> JobCreate:
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"spec: not valid JSON: {exc}", field="spec") from None
+    except _NotJson as exc:
+        raise InvalidInput(f"spec: not valid JSON: {exc}.", field="spec") from None
+    except RecursionError:
+        raise InvalidInput("spec: nested too deeply.", field="spec") from None
     if not isinstance(data, dict):
         raise InvalidInput("spec: must be a JSON object.", field="spec")
     try:
@@ -84,6 +96,10 @@ def check_submission(spec: JobCreate, uploads: dict[str, Upload], settings: Sett
         if reference is not None:
             resolve(reference, allowed, field=f"spec.{field}")
     if spec.space is not None:
+        exclude = spec.space.get("exclude", [])
+        if not isinstance(exclude, list) or not all(isinstance(name, str) for name in exclude):
+            raise InvalidInput(f"spec.space: `exclude` must be a list of layer names, but got {str(exclude)[:200]}.",
+                               field="spec.space")
         try:
             SearchSpace.from_dict(spec.space)
         except tuner.InvalidArgumentError as exc:
@@ -91,15 +107,38 @@ def check_submission(spec: JobCreate, uploads: dict[str, Upload], settings: Sett
 
     if weights is not None:
         read_tensors(weights.data, field="weights_file")
+    datasets: dict[str, dict] = {}
     if calibration_file is not None:
-        check_dataset(read_tensors(calibration_file.data, field="calibration_file"), field="calibration_file")
+        datasets["calibration_file"] = read_tensors(calibration_file.data, field="calibration_file")
+        check_dataset(datasets["calibration_file"], field="calibration_file")
     if eval_file is not None:
-        check_dataset(read_tensors(eval_file.data, field="eval_file"), field="eval_file", need_label=spec.evaluator == "top1")
+        datasets["eval_file"] = read_tensors(eval_file.data, field="eval_file")
+        check_dataset(datasets["eval_file"], field="eval_file", need_label=spec.evaluator == "top1")
     if model_file is not None:
-        check_exported(model_file.data)
+        model = check_exported(model_file.data)
+        for field, tensors in datasets.items():  # an uploaded model states its inputs: check the data fits now
+            check_fits(model, tensors, field=field)
 
 
-def check_exported(data: bytes) -> None:
+def check_fits(model: Any, tensors: dict, *, field: str) -> None:
+    """Run the model on the first sample of an uploaded dataset; a 422 naming the file when it
+    does not fit (wrong shape, dtype or input names). Models from factory references are only
+    built on the workers: there a misfit fails the job with the same kind of message."""
+    import torch
+
+    from tuner.batches import call_model
+
+    sample = to_batches(tensors, 1)[0]
+    try:
+        with torch.no_grad():
+            call_model(model, sample)
+    except Exception as exc:
+        raise InvalidInput(f"{field}: the data does not fit the uploaded model: its first sample "
+                           f"({describe_batch(sample)}) raised {type(exc).__name__}: {str(exc).strip()[:300]}",
+                           field=field) from None
+
+
+def check_exported(data: bytes) -> Any:
     """A torch.export archive is a zip; load it for real (no pickle) to refuse broken files now."""
     if sniff(data) != "zip":
         raise InvalidInput("model_file: not a torch.export archive (expected a .pt2 zip file).", field="model_file")
@@ -113,10 +152,11 @@ def check_exported(data: bytes) -> None:
         with open(path, "wb") as f:
             f.write(data)
         try:
-            load_exported(path)
+            return load_exported(path)
         except Exception as exc:  # corrupt, truncated, or not an exported program
+            reason = str(exc).replace(repr(path), "the upload").replace(path, "the upload")  # no server paths
             raise InvalidInput(f"model_file: cannot load the torch.export archive: {type(exc).__name__}: "
-                               f"{str(exc)[:300]}", field="model_file") from None
+                               f"{reason[:300]}", field="model_file") from None
 
 
 def create_job(session: Session, owner_id: int, spec: JobCreate, uploads: dict[str, Upload]) -> Job:
@@ -208,7 +248,7 @@ def job_public(job: Job, workers: int = 0, artifacts: list[str] | None = None) -
         evaluation_source=job.evaluation_source,
         max_drop=spec.get("max_drop", 0.01), relative=spec.get("relative", True),
         higher_is_better=spec.get("higher_is_better", True), max_trials=spec.get("max_trials"),
-        timeout=spec.get("timeout"), space=spec.get("space"), parallelism=job.parallelism, seed=spec.get("seed", 0),
+        timeout=spec.get("timeout"), trial_timeout=spec.get("trial_timeout"), space=spec.get("space"), parallelism=job.parallelism, seed=spec.get("seed", 0),
         workers=workers if job.status not in FINISHED_STATUSES else 0,
         progress=Progress(trials=job.trials, evaluations=job.evaluations, best_score=job.best_score,
                           best_drop=job.best_drop, best_coverage=job.best_coverage, met=job.best_met),

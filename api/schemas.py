@@ -55,6 +55,9 @@ class JobCreate(BaseModel):
     higher_is_better: bool = True
     max_trials: int | None = Field(None, ge=1, le=100_000)
     timeout: float | None = Field(None, gt=0, le=30 * 24 * 3600, description="Seconds of search before stopping.")
+    trial_timeout: float | None = Field(None, ge=1, le=30 * 24 * 3600, description=(
+        "Seconds one call of the evaluation may take; a trial over it fails ('timed out after Ns') and the search "
+        "goes on. Default: the server's QUANTTUNE_TRIAL_TIMEOUT, else no limit."))
     space: dict[str, Any] | None = Field(None, description="Search-space restriction passed to tune(space=...).")
     parallelism: int = Field(1, ge=1, le=64, description="How many workers may work on this job at once.")
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -110,6 +113,7 @@ class JobPublic(BaseModel):
     higher_is_better: bool
     max_trials: int | None = None
     timeout: float | None = None
+    trial_timeout: float | None = None
     space: dict[str, Any] | None = None
     parallelism: int
     seed: int

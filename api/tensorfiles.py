@@ -106,6 +106,19 @@ def to_batches(tensors: dict[str, torch.Tensor], batch_size: int) -> list[Any]:
     return batches
 
 
+def describe_batch(batch: Any) -> str:
+    """`input: float32[1, 1, 8, 8]`-style summary of a batch, for error messages."""
+
+    def one(t: Any) -> str:
+        return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+    if isinstance(batch, dict):
+        return ", ".join(f"{k}: {one(v)}" for k, v in batch.items())
+    if isinstance(batch, tuple):
+        return ", ".join(f"input.{i}: {one(v)}" for i, v in enumerate(batch))
+    return f"input: {one(batch)}"
+
+
 def labels(tensors: dict[str, torch.Tensor], batch_size: int) -> list[torch.Tensor]:
     label = tensors[LABEL]
     return [label[i : i + batch_size] for i in range(0, label.shape[0], batch_size)]

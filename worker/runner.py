@@ -29,11 +29,12 @@ from .queue import Claim, Queue
 log = logging.getLogger("quanttune.worker")
 
 
-def tracking_storage(url: str, settings: Settings) -> Any:
+def tracking_storage(url: str, settings: Settings, on_track: Callable[[int], None] | None = None) -> Any:
     """An Optuna RDB storage (trial heartbeats on) that remembers the trials this process runs,
     so that the worker's heartbeat thread keeps them alive and another worker can tell a slow trial
     from one whose worker died (Optuna wraps storages in `_CachedStorage`, so this does not depend
-    on the caller seeing an `RDBStorage`)."""
+    on the caller seeing an `RDBStorage`). `on_track(trial_id)` hears of each trial this process
+    starts running (a supervised run tells its worker, which may have to fail it)."""
     import optuna
 
     class TrackingStorage(optuna.storages.RDBStorage):
@@ -63,6 +64,8 @@ def tracking_storage(url: str, settings: Settings) -> Any:
             self.record_heartbeat(trial_id)
             with self._lock:
                 self.created.add(trial_id)
+            if on_track is not None:
+                on_track(trial_id)
 
         def beat(self) -> None:
             """Heartbeat this process's RUNNING trials; forget the finished ones."""
@@ -117,6 +120,7 @@ def build_inputs(spec: dict[str, Any], files: dict[str, tuple[str, bytes]], sett
             calibration = to_batches(tensors, batch_size)
         else:
             calibration = list(resolve(spec["calibration"], allowed, field="spec.calibration")())
+        check_fits(model, calibration)  # factory models are built here only: the API could not check this
 
         if spec.get("evaluate"):
             evaluate = resolve(spec["evaluate"], allowed, field="spec.evaluate")
@@ -139,11 +143,31 @@ def build_inputs(spec: dict[str, Any], files: dict[str, tuple[str, bytes]], sett
     return Inputs(model, calibration, evaluate)
 
 
+def check_fits(model: nn.Module, calibration: list[Any]) -> None:
+    """Run the model on the first calibration batch, so that data that does not fit the model
+    fails the job with that reason rather than somewhere inside the search."""
+    import torch
+
+    from api.tensorfiles import describe_batch
+    from tuner.batches import call_model
+
+    if not calibration:
+        raise JobInputError("the calibration data is empty: no batch to calibrate on")
+    try:
+        with torch.no_grad():
+            call_model(model, calibration[0])
+    except Exception as exc:
+        raise JobInputError(f"the calibration data does not fit the model: its first batch ({describe_batch(calibration[0])}) "
+                            f"raised {type(exc).__name__}: {str(exc).strip()[:500]}") from None
+
+
 class JobRun:
     """One worker's part of one job (a claimed slot)."""
 
-    def __init__(self, queue: Queue, claim: Claim, settings: Settings, shutdown: threading.Event) -> None:
+    def __init__(self, queue: Queue, claim: Claim, settings: Settings, shutdown: threading.Event,
+                 monitor: Any = None) -> None:
         self.queue, self.claim, self.settings, self.shutdown = queue, claim, settings, shutdown
+        self.monitor = monitor  # a supervised run (worker.supervise): reports trials and evaluations to its worker
         self.lost = threading.Event()  # the lease was taken over, or the job deleted
         self.ended = threading.Event()  # the job is no longer running (cancelled, finished elsewhere)
         self._evaluations_seen = 0
@@ -241,7 +265,8 @@ class JobRun:
         if job is None:
             return "lost"
         # trial heartbeats: a trial left RUNNING by a dead worker is failed (and retried) after the grace period
-        self._storage = tracking_storage(self.settings.db_url, self.settings)
+        self._storage = tracking_storage(self.settings.db_url, self.settings,
+                                         on_track=self.monitor.trial if self.monitor is not None else None)
         done = threading.Event()
         beat = threading.Thread(target=self.heartbeat, args=(done,), daemon=True, name=f"heartbeat-{job.id}")
         beat.start()
@@ -264,8 +289,9 @@ class JobRun:
         job_id = self.claim.job_id
         try:
             inputs = build_inputs(spec, self.queue.inputs(job_id), self.settings, workdir)
+            evaluate = self.monitor.wrap(inputs.evaluate) if self.monitor is not None else inputs.evaluate
             result = tuner.tune(
-                inputs.model, inputs.calibration, inputs.evaluate,
+                inputs.model, inputs.calibration, evaluate,
                 max_drop=spec["max_drop"], relative=spec["relative"], higher_is_better=spec["higher_is_better"],
                 max_trials=spec.get("max_trials"), timeout=spec.get("timeout"), storage=self._storage,
                 study_name=study_name(job_id), seed=spec.get("seed", 0), space=spec.get("space"), verbose=True,

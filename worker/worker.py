@@ -14,6 +14,7 @@ from api.settings import Settings
 
 from .queue import Queue
 from .runner import JobRun
+from .supervise import Supervisor
 
 log = logging.getLogger("quanttune.worker")
 
@@ -36,9 +37,19 @@ class Worker:
         if claim is None:
             return None
         log.info("worker %s: claimed job %s slot %s", self.worker_id, claim.job_id, claim.slot)
-        outcome = JobRun(self.queue, claim, self.settings, self.shutdown).run()
+        trial_timeout = self.trial_timeout(claim.job_id)
+        if trial_timeout is not None:  # an evaluation may have to be killed: tune in a child process
+            outcome = Supervisor(self.queue, claim, self.settings, self.shutdown, trial_timeout).run()
+        else:
+            outcome = JobRun(self.queue, claim, self.settings, self.shutdown).run()
         log.info("worker %s: job %s slot %s -> %s", self.worker_id, claim.job_id, claim.slot, outcome)
         return outcome
+
+    def trial_timeout(self, job_id: int) -> float | None:
+        """The job's `trial_timeout`, else the operator's default (`QUANTTUNE_TRIAL_TIMEOUT`)."""
+        job = self.queue.job(job_id)
+        value = (job.spec or {}).get("trial_timeout") if job is not None else None
+        return value if value is not None else self.settings.trial_timeout
 
     def run(self) -> None:
         log.info("worker %s: polling %s", self.worker_id, self.engine.url.render_as_string(hide_password=True))

@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..auth import Owner
 from ..deps import JobDep, SessionDep, SettingsDep, StudiesDep
+from ..forms import StrictFormRoute
 from ..jobs import (
     Upload,
     cancel_job,
@@ -22,7 +23,7 @@ from ..jobs import (
 )
 from ..schemas import ErrorBody, JobPublic, JobsPublic, JobStatus
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=StrictFormRoute)  # text parts must be valid text
 _ERRORS = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}}
 _DEFAULT_NAMES = {"model_file": "model.pt2", "weights_file": "weights.safetensors",
                   "calibration_file": "calibration.safetensors", "eval_file": "eval.safetensors"}
