@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -50,7 +51,14 @@ def owner_for(session: Session, raw: str) -> Token | None:
     return session.scalar(select(Token).where(Token.token_hash == hash_token(raw)))
 
 
-def current_owner(request: Request) -> Token:
+# Declares the bearer scheme in the OpenAPI document (Swagger's "Authorize", fuzzers' auth checks); the
+# header itself is read by `bearer_source`, so that every source goes through one path.
+_DOCUMENTED_BEARER = HTTPBearer(auto_error=False, scheme_name="token",
+                                description="An API token from `quanttune token create`.")
+
+
+def current_owner(request: Request,
+                  _documented: Annotated[HTTPAuthorizationCredentials | None, Depends(_DOCUMENTED_BEARER)] = None) -> Token:
     """The token-holder of this request, from the first auth source that yields a token."""
     raw = None
     for source in request.app.state.auth_sources:

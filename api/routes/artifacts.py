@@ -41,7 +41,10 @@ def artifacts(job: JobDep, session: SessionDep) -> ArtifactsPublic:
 
 
 @router.get("/artifacts/{name}", response_class=Response, responses={
-    **_ERRORS, 409: {"model": ErrorBody}, 200: {"content": {"application/octet-stream": {}}}})
+    **_ERRORS, 409: {"model": ErrorBody},
+    200: {"description": "The file: model.onnx as octet-stream, plan.json and report.json as JSON.",
+          "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                      "application/json": {"schema": {"type": "object"}}}}})
 def download(job: JobDep, session: SessionDep,
              name: Annotated[str, Path(max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]) -> Response:
     """Download one artifact as an attachment (names are fixed by the server: model.onnx,
