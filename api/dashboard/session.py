@@ -82,7 +82,10 @@ def log_in(request: Request, raw_token: str) -> Token | None:
     if not raw_token:
         return None
     with request.app.state.sessions() as session:
-        return owner_for(session, raw_token)
+        owner = owner_for(session, raw_token)
+    if owner is None:  # the log names the failure, never the token
+        log.warning("dashboard login failed: unknown token from %s", request.client.host if request.client else "?")
+    return owner
 
 
 def set_session(response: Response, request: Request, token: Token) -> None:

@@ -190,3 +190,46 @@ def wait_job(client: httpx.Client, job_id: int, until, timeout: float, procs: Pr
         if ended or time.monotonic() > deadline:
             raise AssertionError(f"job {job_id}: {job}\n{procs.logs() if procs else ''}")
         time.sleep(0.3)
+
+
+class Served:
+    """A `quanttune serve` process (API + 1 worker, SQLite) shared by this directory's tests, with
+    tokens for alice and bob; user code `qt_faults` is allowed; uploads over 2 MB are refused."""
+
+    def __init__(self, url: str, db: str, root: Path, procs: Processes, tokens: dict[str, str]) -> None:
+        self.url, self.db, self.root, self.procs, self.tokens = url, db, root, procs, tokens
+
+    def client(self, who: str | None = None, **kwargs) -> httpx.Client:  # noqa: ANN003
+        headers = {"Authorization": f"Bearer {self.tokens[who]}"} if who else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kwargs)
+
+    def log(self) -> str:
+        return self.procs.log("serve")
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    from tests.conftest import _make_token, free_port
+
+    root = tmp_path_factory.mktemp("reliability-served")
+    (root / "usercode" / "qt_faults").mkdir(parents=True)
+    (root / "usercode" / "qt_faults" / "__init__.py").write_text("")
+    (root / "usercode" / "qt_faults" / "evals.py").write_text(textwrap.dedent(FAULTS))
+    (root / "faults").mkdir()
+    db, port = f"sqlite:///{root / 'quanttune.db'}", free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "QUANTTUNE_POLL_SECONDS": "0.3", "OMP_NUM_THREADS": "1",
+           "QUANTTUNE_ALLOWED_MODULES": "tuner.examples,qt_faults", "QUANTTUNE_MAX_UPLOAD_BYTES": "2000000",
+           "QT_FAULT_DIR": str(root / "faults"), "QT_TEST_EVAL_SLEEP": "1",
+           "PYTHONPATH": os.pathsep.join([str(root / "usercode"), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("QUANTTUNE_DB", None)
+    procs = Processes(root, env)
+    try:
+        procs.run("migrate", "--db", db)
+        tokens = {name: _make_token(db, name) for name in ("alice", "bob")}
+        procs.start("serve", "serve", "--db", db, "--data-dir", str(root / "data"), "--port", str(port),
+                    "--workers", "1", "--no-migrate")
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url, procs)
+        yield Served(url, db, root, procs, tokens)
+    finally:
+        procs.close()
