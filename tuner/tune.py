@@ -202,10 +202,15 @@ def tune(
         plans.setdefault(outcome.plan_key, Plan.from_dict(t.user_attrs["plan"]))
     stopped = False
     idle_in_a_row = 0
-    while True:
+    def stop_requested() -> bool:
         if should_stop is not None and should_stop():
-            stopped = True
             log("[quanttune] stopped on request")
+            return True
+        return False
+
+    while True:
+        if stop_requested():
+            stopped = True
             break
         if timeout is not None and time.perf_counter() - start > timeout:
             log(f"[quanttune] timeout of {timeout:g}s reached")
@@ -215,6 +220,9 @@ def tune(
             break
         point = strategy.next_point(known)
         if point is None:
+            break
+        if stop_requested():  # asked again: choosing the point may take seconds (ranking the layers)
+            stopped = True
             break
         propose = None if point == SAMPLE else point
         if propose is not None and running_elsewhere(study, make_plan(propose)[0].key()):
