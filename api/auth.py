@@ -17,6 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from .db import request_session
 from .errors import InvalidToken, Unauthorized
 from .models import Token
 
@@ -53,13 +54,19 @@ def owner_for(session: Session, raw: str) -> Token | None:
 
 # Declares the bearer scheme in the OpenAPI document (Swagger's "Authorize", fuzzers' auth checks); the
 # header itself is read by `bearer_source`, so that every source goes through one path.
-_DOCUMENTED_BEARER = HTTPBearer(auto_error=False, scheme_name="token",
+DOCUMENTED_BEARER = HTTPBearer(auto_error=False, scheme_name="token",
                                 description="An API token from `quanttune token create`.")
 
 
-def current_owner(request: Request,
-                  _documented: Annotated[HTTPAuthorizationCredentials | None, Depends(_DOCUMENTED_BEARER)] = None) -> Token:
+def current_owner(request: Request, session: Annotated[Session, Depends(request_session)],
+                  _documented: Annotated[HTTPAuthorizationCredentials | None, Depends(DOCUMENTED_BEARER)] = None) -> Token:
     """The token-holder of this request, from the first auth source that yields a token."""
+    return authenticate(request, session)
+
+
+def authenticate(request: Request, session: Session) -> Token:
+    """`current_owner` as a plain function, for dependencies that do their own database work in the
+    same thread-pool call (`api.deps.owned_job`)."""
     raw = None
     for source in request.app.state.auth_sources:
         raw = source(request)
@@ -70,8 +77,7 @@ def current_owner(request: Request,
     if not raw:
         log.info("auth failed: no token on %s %s from %s", request.method, request.url.path, _client(request))
         raise Unauthorized("authentication required: send 'Authorization: Bearer <token>'.")
-    with request.app.state.sessions() as session:
-        token = owner_for(session, raw)
+    token = owner_for(session, raw)
     if token is None:
         log.warning("auth failed: unknown token on %s %s from %s", request.method, request.url.path, _client(request))
         raise InvalidToken("invalid token.")

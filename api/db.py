@@ -4,10 +4,13 @@ app factory, the workers and the CLI."""
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
 
 
 def utcnow() -> datetime:
@@ -47,3 +50,18 @@ def optuna_engine_kwargs(url: str) -> dict:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+async def request_session(request: Request) -> AsyncIterator[Session]:
+    """FastAPI dependency: one session per request, shared by the auth check and the route (FastAPI
+    caches a dependency per request). Opened in the event loop (no I/O until the first query, which
+    the sync dependencies and routes run in the thread pool); closed there too on SQLite (a local
+    rollback), in the thread pool elsewhere (a round trip to the server)."""
+    session = request.app.state.sessions()
+    try:
+        yield session
+    finally:
+        if is_sqlite(str(request.app.state.engine.url)):
+            session.close()
+        else:
+            await run_in_threadpool(session.close)

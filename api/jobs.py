@@ -258,6 +258,7 @@ def job_public(job: Job, workers: int = 0, artifacts: list[str] | None = None) -
 
 
 def jobs_public(session: Session, jobs: list[Job]) -> list[JobPublic]:
-    ids = [job.id for job in jobs]
-    workers, artifacts = live_workers(session, ids), artifact_names(session, ids)
+    # only active jobs have workers, only succeeded ones artifacts: no query for the others
+    workers = live_workers(session, [job.id for job in jobs if job.status not in FINISHED_STATUSES])
+    artifacts = artifact_names(session, [job.id for job in jobs if job.status == "succeeded"])
     return [job_public(job, workers.get(job.id, 0), artifacts.get(job.id, [])) for job in jobs]

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 import threading
-from datetime import timezone
+from collections import OrderedDict
+from datetime import datetime, timezone
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .db import optuna_engine_kwargs
+from .db import optuna_engine_kwargs, utcnow
 from .schemas import TrialPublic
 
 
@@ -26,10 +27,14 @@ def study_name(job_id: int) -> str:
 class Studies:
     """Lazily opened Optuna storage, shared by the app's requests (thread-safe sessions)."""
 
+    SETTLED_S = 30.0  # a job finished this long ago has a final study: its trials are cached
+    CACHED_STUDIES = 256
+
     def __init__(self, url: str) -> None:
         self.url = url
         self._storage: optuna.storages.RDBStorage | None = None
         self._lock = threading.Lock()
+        self._settled: OrderedDict[int, list[FrozenTrial]] = OrderedDict()  # LRU of final studies
 
     @property
     def storage(self) -> optuna.storages.RDBStorage:
@@ -45,17 +50,34 @@ class Studies:
         except KeyError:
             return None
 
-    def trials(self, job_id: int) -> list[FrozenTrial]:
+    def trials(self, job_id: int, finished_at: datetime | None = None) -> list[FrozenTrial]:
+        """The study's trials. `finished_at` (naive UTC) of a finished job: once it lies `SETTLED_S`
+        in the past (the finishing worker has closed every trial) the study cannot change, and its
+        trials are served from memory (reading them back is the slowest read of the API)."""
+        settled = finished_at is not None and (utcnow() - finished_at).total_seconds() > self.SETTLED_S
+        if settled:
+            with self._lock:
+                if job_id in self._settled:
+                    self._settled.move_to_end(job_id)
+                    return self._settled[job_id]
         study_id = self._study_id(job_id)
         if study_id is None:
             return []
-        return self.storage.get_all_trials(study_id, deepcopy=False)
+        found = self.storage.get_all_trials(study_id, deepcopy=False)
+        if settled:
+            with self._lock:
+                self._settled[job_id] = found
+                while len(self._settled) > self.CACHED_STUDIES:
+                    self._settled.popitem(last=False)
+        return found
 
     def user_attrs(self, job_id: int) -> dict[str, Any]:
         study_id = self._study_id(job_id)
         return {} if study_id is None else dict(self.storage.get_study_user_attrs(study_id))
 
     def delete(self, job_id: int) -> None:
+        with self._lock:
+            self._settled.pop(job_id, None)
         study_id = self._study_id(job_id)
         if study_id is not None:
             try:

@@ -6,6 +6,7 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Response
+from starlette.concurrency import run_in_threadpool
 from sqlalchemy import select
 
 from ..deps import JobDep, SessionDep
@@ -24,19 +25,21 @@ def _artifact(session: SessionDep, job_id: int, name: str) -> JobFile | None:
 
 
 @router.get("/report", responses={**_ERRORS, 409: {"model": ErrorBody}})
-def report(job: JobDep, session: SessionDep) -> dict[str, Any]:
+async def report(job: JobDep, session: SessionDep) -> dict[str, Any]:
     """The content of report.json (409 not_ready until the job succeeded)."""
-    found = _artifact(session, job.id, "report.json")
+    found = await run_in_threadpool(_artifact, session, job.id, "report.json")
     if found is None:
         raise NotReady(f"job {job.id} is {job.status}: its report exists once it succeeded.")
     return json.loads(found.data)
 
 
 @router.get("/artifacts", response_model=ArtifactsPublic, responses=_ERRORS)
-def artifacts(job: JobDep, session: SessionDep) -> ArtifactsPublic:
-    rows = session.execute(select(JobFile.role, JobFile.size, JobFile.sha256).where(
-        JobFile.job_id == job.id, JobFile.kind == "artifact").order_by(JobFile.role)).all()
-    data = [ArtifactPublic(name=role, size=size, sha256=sha) for role, size, sha in rows]
+async def artifacts(job: JobDep, session: SessionDep) -> ArtifactsPublic:
+    def rows() -> list:  # read routes: all database work in one thread-pool call
+        return session.execute(select(JobFile.role, JobFile.size, JobFile.sha256).where(
+            JobFile.job_id == job.id, JobFile.kind == "artifact").order_by(JobFile.role)).all()
+
+    data = [ArtifactPublic(name=role, size=size, sha256=sha) for role, size, sha in await run_in_threadpool(rows)]
     return ArtifactsPublic(data=data, count=len(data))
 
 

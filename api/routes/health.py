@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
 from sqlalchemy import text
 
 from .. import __version__
@@ -11,7 +12,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health", response_model=HealthPublic)
-def health(session: SessionDep) -> HealthPublic:
+async def health(session: SessionDep) -> HealthPublic:
     """Liveness and database reachability (no auth)."""
-    session.execute(text("SELECT 1"))
+    await run_in_threadpool(session.execute, text("SELECT 1"))
     return HealthPublic(status="ok", database="ok", version=__version__)

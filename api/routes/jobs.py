@@ -54,7 +54,7 @@ async def create(
 
 
 @router.get("", response_model=JobsPublic, responses=_ERRORS)
-def index(
+async def index(
     owner: Owner,
     session: SessionDep,
     status: Annotated[JobStatus | None, Query()] = None,
@@ -62,13 +62,17 @@ def index(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JobsPublic:
     """The caller's jobs, newest first."""
-    jobs, count = list_jobs(session, owner.id, status, offset, limit)
-    return JobsPublic(data=jobs_public(session, jobs), count=count)
+
+    def page() -> JobsPublic:  # read routes: all database work in one thread-pool call
+        jobs, count = list_jobs(session, owner.id, status, offset, limit)
+        return JobsPublic(data=jobs_public(session, jobs), count=count)
+
+    return await run_in_threadpool(page)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS)
-def read(job: JobDep, session: SessionDep) -> JobPublic:
-    return jobs_public(session, [job])[0]
+async def read(job: JobDep, session: SessionDep) -> JobPublic:
+    return (await run_in_threadpool(jobs_public, session, [job]))[0]
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses={**_ERRORS, 409: {"model": ErrorBody}})

@@ -7,10 +7,11 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from ..deps import JobDep, SessionDep, StudiesDep
 from ..models import JobFile
-from ..schemas import ErrorBody, LedgerPublic, TrialsPublic
+from ..schemas import FINISHED_STATUSES, ErrorBody, LedgerPublic, TrialsPublic
 from ..studies import trial_public
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["trials"])
@@ -18,7 +19,7 @@ _ERRORS = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": 
 
 
 @router.get("/trials", response_model=TrialsPublic, responses=_ERRORS)
-def trials(
+async def trials(
     job: JobDep,
     studies: StudiesDep,
     offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
@@ -27,18 +28,27 @@ def trials(
     include_plan: bool = False,
 ) -> TrialsPublic:
     """The job's trials in trial-number order."""
-    found = [t for t in studies.trials(job.id) if state is None or t.state.name == state]
-    found.sort(key=lambda t: t.number)
-    page = found[offset : offset + limit]
-    return TrialsPublic(data=[trial_public(t, include_plan=include_plan) for t in page], count=len(found))
+
+    def page() -> TrialsPublic:  # read routes: all database work in one thread-pool call
+        finished_at = job.finished_at if job.status in FINISHED_STATUSES else None
+        found = [t for t in studies.trials(job.id, finished_at) if state is None or t.state.name == state]
+        found.sort(key=lambda t: t.number)
+        chosen = found[offset : offset + limit]
+        return TrialsPublic(data=[trial_public(t, include_plan=include_plan) for t in chosen], count=len(found))
+
+    return await run_in_threadpool(page)
 
 
 @router.get("/ledger", response_model=LedgerPublic, responses=_ERRORS)
-def ledger(job: JobDep, session: SessionDep, studies: StudiesDep) -> LedgerPublic:
+async def ledger(job: JobDep, session: SessionDep, studies: StudiesDep) -> LedgerPublic:
     """Layer names (once the search started) and the per-layer ledger (once the job succeeded)."""
-    attrs = studies.user_attrs(job.id)
-    report = session.scalar(select(JobFile).where(JobFile.job_id == job.id, JobFile.kind == "artifact",
-                                                  JobFile.role == "report.json"))
-    content = json.loads(report.data) if report is not None else {}
-    return LedgerPublic(layers=list(attrs.get("layers") or content.get("layers") or []),
-                        baseline=attrs.get("baseline", job.baseline), ledger=content.get("ledger"))
+
+    def read() -> LedgerPublic:
+        attrs = studies.user_attrs(job.id)
+        report = session.scalar(select(JobFile).where(JobFile.job_id == job.id, JobFile.kind == "artifact",
+                                                      JobFile.role == "report.json"))
+        content = json.loads(report.data) if report is not None else {}
+        return LedgerPublic(layers=list(attrs.get("layers") or content.get("layers") or []),
+                            baseline=attrs.get("baseline", job.baseline), ledger=content.get("ledger"))
+
+    return await run_in_threadpool(read)
