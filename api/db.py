@@ -29,7 +29,10 @@ def is_sqlite(url: str) -> bool:
 
 def make_engine(url: str) -> Engine:
     if is_sqlite(url):
-        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+        # as many connections as the API's thread pool has threads (40): requests wait on SQLite's
+        # lock (busy_timeout), not on the pool
+        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False}, pool_size=10,
+                               max_overflow=30)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001
@@ -39,7 +42,7 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=30)
 
 
 def optuna_engine_kwargs(url: str) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -59,7 +60,7 @@ class DisallowedReference(ServiceError):
     status, code = 422, "disallowed_reference"
 
 
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+_HTTP_CODES = {400: "bad_request", 503: "unavailable", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
                422: "invalid_input", 429: "too_many_requests"}
 
@@ -101,6 +102,19 @@ def install_error_handlers(app: FastAPI) -> None:
         code = _HTTP_CODES.get(exc.status_code, "error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(sqlalchemy.exc.TimeoutError)
+    async def _busy(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("busy: no database connection free for %s %s", request.method, request.url.path)
+        return error_response(503, "unavailable", "the server is busy: no database connection was free in time; "
+                              "retry shortly.", headers={"Retry-After": "2"})
+
+    @app.exception_handler(sqlalchemy.exc.OperationalError)
+    async def _database_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path,
+                    str(getattr(exc, "orig", exc)).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        return error_response(503, "unavailable", "the database is unavailable (restarting?); retry shortly.",
+                              headers={"Retry-After": "2"})
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

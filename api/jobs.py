@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from dataclasses import dataclass
 from datetime import timezone
 from typing import Any
@@ -26,6 +27,7 @@ from .settings import Settings
 from .tensorfiles import check_dataset, describe_batch, read_tensors, sniff, to_batches
 
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+_EXPORT_LOAD_LOCK = threading.Lock()  # uploads are checked in the API's thread pool, several at once
 
 
 @dataclass
@@ -152,7 +154,8 @@ def check_exported(data: bytes) -> Any:
         with open(path, "wb") as f:
             f.write(data)
         try:
-            return load_exported(path)
+            with _EXPORT_LOAD_LOCK:  # torch.export.load keeps global state: concurrent loads fail
+                return load_exported(path)
         except Exception as exc:  # corrupt, truncated, or not an exported program
             reason = str(exc).replace(repr(path), "the upload").replace(path, "the upload")  # no server paths
             raise InvalidInput(f"model_file: cannot load the torch.export archive: {type(exc).__name__}: "
