@@ -157,6 +157,8 @@ class Processes:
 def processes(tmp_path: Path) -> Iterator[Processes]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "QUANTTUNE_POLL_SECONDS": "0.3", "OMP_NUM_THREADS": "1",
            "QUANTTUNE_ALLOWED_MODULES": "tuner.examples,qt_faults"}
+    # this checkout's code, whatever an installed `quanttune` script would import
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env.pop("QUANTTUNE_DB", None)
     procs = Processes(tmp_path, env)
     yield procs
