@@ -8,6 +8,7 @@ import logging
 import shutil
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,6 +82,30 @@ def tracking_storage(url: str, settings: Settings, on_track: Callable[[int], Non
                         self.created.discard(trial_id)
 
     return TrackingStorage()
+
+
+def database_outage(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it: Optuna wraps SQLAlchemy's errors) says the database could
+    not be reached or was busy: a restart, a network cut, SQLite's lock timeout."""
+    from sqlalchemy import exc as sa
+
+    if isinstance(exc, tuner.QuanttuneError):  # e.g. the user's baseline evaluation failed: a verdict
+        return False
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (sa.OperationalError, sa.InterfaceError, sa.TimeoutError)):
+            return True
+        if isinstance(current, sa.DBAPIError) and current.connection_invalidated:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc.__cause__ or exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 class JobInputError(tuner.QuanttuneError):
@@ -302,6 +327,11 @@ class JobRun:
                 return "released"
             artifacts = {name: Path(path).read_bytes() for name, path in result.save(workdir / "out").items()}
         except Exception as exc:  # the job fails with the reason, unless it was stopped under us
+            if database_outage(exc):  # not the job's fault: hand the slot back and try again
+                log.warning("job %s: the database is unreachable (%s): handing the slot back to resume later",
+                            job_id, _first_line(exc))
+                self._release_when_possible()
+                return "released"
             if self.lost.is_set() or self.ended.is_set() or self.shutdown.is_set():
                 log.info("job %s: stopped (%s: %s)", job_id, type(exc).__name__, exc)
                 self.queue.release(self.claim)
@@ -326,6 +356,19 @@ class JobRun:
             return "lost"
         self._close_running_trials()
         return "succeeded"
+
+    def _release_when_possible(self) -> None:
+        """Release the slot once the database answers again (at most one lease period; after that
+        the lease has expired and any worker, this one included, reclaims it)."""
+        deadline = time.monotonic() + self.settings.lease_seconds
+        while not self.shutdown.is_set() and time.monotonic() < deadline:
+            try:
+                self.queue.release(self.claim)
+                return
+            except Exception as exc:
+                if not database_outage(exc):
+                    raise
+                self.shutdown.wait(1.0)
 
     def _close_running_trials(self) -> None:
         """The job is over: a trial still RUNNING (its worker was killed, or a co-worker is midway)
