@@ -136,6 +136,8 @@ def submit(
     higher_is_better: Annotated[bool, typer.Option("--higher-is-better/--lower-is-better")] = True,
     max_trials: Annotated[int | None, typer.Option("--max-trials", min=1, help="Most trials.")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", min=0.001, help="Seconds of search.")] = None,
+    trial_timeout: Annotated[float | None, typer.Option("--trial-timeout", min=1, help="Seconds one evaluation may "
+                                                        "take; a trial over it fails and the search goes on.")] = None,
     space: Annotated[str | None, typer.Option("--space", help="Search-space restriction as JSON, or @file.json.")] = None,
     parallelism: Annotated[int, typer.Option("--parallelism", min=1, help="Workers that may work on it at once.")] = 1,
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
@@ -150,7 +152,7 @@ def submit(
         job = client.submit(model, calibration, evaluate, eval_data=eval_data, weights=weights, name=name,
                             batch_size=batch_size, max_drop=max_drop, relative=relative,
                             higher_is_better=higher_is_better, max_trials=max_trials, timeout=timeout,
-                            space=_space(space), parallelism=parallelism, seed=seed)
+                            trial_timeout=trial_timeout, space=_space(space), parallelism=parallelism, seed=seed)
         if wait:
             if not as_json:
                 print(f"submitted job {job.id} ({job.info.name})", file=sys.stderr)

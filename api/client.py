@@ -160,6 +160,7 @@ class Client:
         higher_is_better: bool = True,
         max_trials: int | None = None,
         timeout: float | None = None,
+        trial_timeout: float | None = None,
         space: dict[str, Any] | None = None,
         parallelism: int = 1,
         seed: int = 0,
@@ -178,14 +179,15 @@ class Client:
           `labels`, or a file holding a `label` tensor) or `"agreement"` (top-1 agreement with the
           FP32 model on `eval_data`, or on the calibration data).
         - budget and limits as in `tuner.tune`: `max_drop`, `relative`, `higher_is_better`,
-          `max_trials`, `timeout` (seconds), `space`, `seed`; `parallelism`: workers at once.
+          `max_trials`, `timeout` (seconds), `space`, `seed`; `parallelism`: workers at once;
+          `trial_timeout`: seconds one evaluation may take before its trial fails (the search goes on).
 
         References must be allowed by the server (`QUANTTUNE_ALLOWED_MODULES`), else
         `InvalidInputError` (422) with the server's message naming the field.
         """
         files: dict[str, tuple[str, bytes]] = {}
         spec: dict[str, Any] = {"max_drop": max_drop, "relative": relative, "higher_is_better": higher_is_better,
-                                "max_trials": max_trials, "timeout": timeout, "space": space,
+                                "max_trials": max_trials, "timeout": timeout, "trial_timeout": trial_timeout, "space": space,
                                 "parallelism": parallelism, "seed": seed}
         self._evaluation(spec, files, evaluate, eval_data, labels)
 
