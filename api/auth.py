@@ -14,7 +14,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from .db import request_session
@@ -48,8 +48,11 @@ def bearer_source(request: Request) -> str | None:
     return value.strip()
 
 
+_BY_HASH = select(Token).where(Token.token_hash == bindparam("token_hash"))  # built once: every request runs it
+
+
 def owner_for(session: Session, raw: str) -> Token | None:
-    return session.scalar(select(Token).where(Token.token_hash == hash_token(raw)))
+    return session.scalar(_BY_HASH, {"token_hash": hash_token(raw)})
 
 
 # Declares the bearer scheme in the OpenAPI document (Swagger's "Authorize", fuzzers' auth checks); the

@@ -148,6 +148,12 @@ def wrk(url: str, token: str, duration: int, connections: int) -> dict[str, floa
             "socket_errors": sum(int(g) for g in errors.groups()) if errors else 0}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def part_reads(args: argparse.Namespace, root: Path) -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
@@ -172,11 +178,16 @@ def part_reads(args: argparse.Namespace, root: Path) -> None:
         load = os.getloadavg()[0]
         print(f"\nread endpoints, wrk -t2 -c{args.connections} -d{args.duration}s on 127.0.0.1, {os.cpu_count()} CPUs "
               f"(load average {load:.1f} before), one API process, database {server.db.split(':')[0]}")
-        print(f"{'endpoint':<30}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'requests':>10}{'non-2xx':>9}{'sock err':>9}")
+        print(f"{'endpoint':<30}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'requests':>10}{'non-2xx':>9}{'sock err':>9}"
+              f"{'server CPU ms/req':>19}")
         for label, path in endpoints.items():
+            cpu = cpu_seconds(server.process.pid)
             r = wrk(server.url + path, server.token, args.duration, args.connections)
+            per_request = 1000 * (cpu_seconds(server.process.pid) - cpu) / max(r["requests"], 1)
             print(f"{label:<30}{r['rps']:>9.0f}{r['p50']:>9.1f}{r['p99']:>9.1f}{r['requests']:>10}{r['non2xx']:>9}"
-                  f"{r['socket_errors']:>9}")
+                  f"{r['socket_errors']:>9}{per_request:>19.2f}")
+        print("server CPU ms/req: CPU time the API process spent per request (1000 / it = the requests/s one "
+              "core can serve, whatever else runs on the machine)")
         log = (server.root / "serve.log").read_text(errors="replace")
         print(f"server log: {log.count('internal error')} internal errors")
 
