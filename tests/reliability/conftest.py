@@ -2,7 +2,7 @@
 `quanttune serve` / `quanttune worker` processes that tests can stop, kill and restart.
 
 `qt_faults.evals:scripted` is digits' evaluation, except that calls 2, 3, ... (call 1 is the FP32
-baseline) follow `$QT_FAULT_SCRIPT`, a comma-separated list of `raise`, `nan`, `hang` or `ok`.
+baseline) follow `$QT_FAULT_SCRIPT`, a comma-separated list of `raise`, `nan`, `hang`, `crash` or `ok`.
 Calls are counted across processes in `$QT_FAULT_DIR/calls`, and a hanging call leaves
 `$QT_FAULT_DIR/hanging-<pid>`, so a test can tell which process hung and check it is gone.
 """
@@ -29,6 +29,7 @@ NAIVE = {"activation": ["max"], "scheme": ["symmetric"], "weights": ["per_tensor
 
 FAULTS = '''
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def scripted(model):
         return float("nan")
     if action == "hang":
         _hang(n)
+    if action == "crash":  # as a segfault or the OOM killer would
+        os.kill(os.getpid(), signal.SIGKILL)
     return digits.evaluate(model)
 
 

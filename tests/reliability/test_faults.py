@@ -1,6 +1,6 @@
 """Faults in the user's code, with real worker child processes (SQLite): an evaluation that raises,
-returns NaN or hangs past the job's `trial_timeout` fails that trial with the reason and the job
-goes on; a hanging baseline, or calibration data that does not fit the model, fails the job with
+returns NaN, hangs past the job's `trial_timeout` or kills its own process fails that trial with
+the reason and the job goes on; a hanging baseline, or calibration data that does not fit the model, fails the job with
 a clear message; cancelling a job whose evaluation hangs frees its worker at once."""
 
 from __future__ import annotations
@@ -56,9 +56,10 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_raising_nan_and_hanging_trials_fail_with_the_reason_and_the_job_goes_on(service: TestClient,
-                                                                                monkeypatch) -> None:  # noqa: ANN001
-    monkeypatch.setenv("QT_FAULT_SCRIPT", "raise,nan,hang")  # trials 0, 1, 2; the baseline (call 1) works
+def test_raising_nan_hanging_and_crashing_trials_fail_with_the_reason_and_the_job_goes_on(service: TestClient,
+                                                                                         monkeypatch) -> None:  # noqa: ANN001
+    # calls 2, 3, 4 (trials 0, 1, 2) misbehave, call 5 works, call 6 kills its own process; call 1 is the baseline
+    monkeypatch.setenv("QT_FAULT_SCRIPT", "raise,nan,hang,ok,crash")
     job_id = submit(service, {**DIGITS, "evaluate": "qt_faults.evals:scripted", "space": NAIVE, "max_trials": 8,
                               "trial_timeout": 3})
     assert service.get(f"/v1/jobs/{job_id}").json()["trial_timeout"] == 3
@@ -70,7 +71,9 @@ def test_raising_nan_and_hanging_trials_fail_with_the_reason_and_the_job_goes_on
     assert "RuntimeError: the evaluation data set is corrupt (call 2)" in failed[0]
     assert "evaluate returned nan, not a finite number" in failed[1]
     assert failed[2].startswith("timed out after 3s (trial_timeout)")
-    assert len(failed) == 3 and not [t for t in trials if t["state"] == "RUNNING"]
+    crashed = [error for number, error in failed.items() if number > 2]
+    assert crashed == ["the evaluation's process was killed by SIGKILL"], failed
+    assert not [t for t in trials if t["state"] == "RUNNING"]
     # the job went on after each failure, to a plan that meets the budget, found by a fresh process
     assert job["status"] == "succeeded" and job["met"] and job["drop"] <= 0.01 and job["artifacts"]
     assert [t["number"] for t in trials if t["state"] == "COMPLETE"][0] > 2
