@@ -55,6 +55,7 @@ class TuneResult:
     warnings: list[str] = field(default_factory=list)
     calibration: Calibration | None = field(default=None, repr=False)
     original: nn.Module | None = field(default=None, repr=False)
+    onnx: bytes | None = field(default=None, repr=False)  # the model `_verify` exported and measured
 
     @property
     def int8_layers(self) -> list[str]:
@@ -88,7 +89,11 @@ class TuneResult:
         paths = {"plan.json": directory / "plan.json", "report.json": directory / "report.json"}
         paths["plan.json"].write_text(self.plan.to_json())
         paths["report.json"].write_text(json.dumps(self.to_dict(), indent=2, default=_json_default))
-        paths["model.onnx"] = self.export_onnx(directory / "model.onnx")
+        if self.onnx is not None:  # the very file verified on ONNX Runtime: no second export
+            paths["model.onnx"] = directory / "model.onnx"
+            paths["model.onnx"].write_bytes(self.onnx)
+        else:
+            paths["model.onnx"] = self.export_onnx(directory / "model.onnx")
         return paths
 
 
@@ -336,6 +341,8 @@ def _verify(result: TuneResult, evaluate, budget: Budget, report: LayerReport, t
 
     with tempfile.TemporaryDirectory() as tmp:
         path = result.export_onnx(Path(tmp) / "model.onnx")
+        if not path.with_name(path.name + ".data").exists():  # a single file (under 2 GB): keep it for `save`
+            result.onnx = path.read_bytes()
         deployed = float(evaluate(load_onnx(path)))
     result.evaluations += 1
     result.deployed_score = deployed
