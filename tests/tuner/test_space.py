@@ -1,0 +1,38 @@
+"""The search space, declared in tuner/space.py, read through Optuna's FixedTrial."""
+
+import optuna
+import pytest
+
+from tuner import InvalidArgumentError, SearchSpace, calibrate, layer_report
+from tuner.space import AUTO, plan_for
+
+
+def test_fixed_trial_points_become_the_expected_plans(digits_model, digits_batches):
+    calib = calibrate(digits_model, digits_batches)
+    report = layer_report(digits_model, calib)
+    space = SearchSpace()
+    ranking = ["fc2", "fc1", "conv2", "conv1"]
+    params = space.suggest(optuna.trial.FixedTrial({"activation": AUTO, "scheme": AUTO, "weights": AUTO,
+                                                    "smooth": True, "fallback": 0}), n_layers=4)
+    assert params == space.point(0)
+    full = plan_for(params, space, report, ranking)
+    assert full.fp32_layers == [] and full == report.best_plan(space.settings())
+
+    fixed = space.suggest(optuna.trial.FixedTrial({"activation": "mse", "scheme": "symmetric",
+                                                   "weights": "per_tensor", "smooth": False, "fallback": 2}), 4)
+    plan = plan_for(fixed, space, report, ranking)
+    assert plan.fp32_layers == ["fc1", "fc2"]  # the two most sensitive of the ranking
+    assert {c.setting() for c in plan.layers.values() if c.int8} == {"mse/symmetric/per_tensor"}
+
+
+def test_a_restricted_space_only_suggests_what_it_allows():
+    space = SearchSpace.from_dict({"activation": ["max"], "weights": ["per_channel"], "smooth": False,
+                                   "fallback": False})
+    params = space.suggest(optuna.trial.FixedTrial({"activation": "max", "scheme": "affine",
+                                                    "weights": "per_channel"}), n_layers=4)
+    assert params["fallback"] == 0 and params["smooth"] is False
+    with pytest.raises(ValueError):  # a value outside the restricted choices is not in the space
+        space.suggest(optuna.trial.FixedTrial({"activation": "mse", "scheme": "affine", "weights": "per_channel"}), 4)
+    assert SearchSpace.from_dict(space.to_dict()) == space
+    with pytest.raises(InvalidArgumentError, match="space `weights`"):
+        SearchSpace.from_dict({"weights": []})
