@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -162,12 +163,16 @@ def test_two_workers_share_a_job_and_one_is_killed_mid_job(processes: Processes,
         poll(client, job_id, processes, lambda j: j["workers"] == 2, timeout=120)
 
         def running_trial() -> dict | None:
+            """A RUNNING trial that started under 1 s ago: its 3 s evaluation cannot end before the kill
+            below, even on a busy machine (a trial caught near its end could complete first)."""
             found = client.get(f"/v1/jobs/{job_id}/trials", params={"state": "RUNNING"}).json()["data"]
-            return found[0] if found else None
+            fresh = [t for t in found if t["started_at"] and datetime.now(timezone.utc)
+                     - datetime.fromisoformat(t["started_at"].replace("Z", "+00:00")) < timedelta(seconds=1)]
+            return fresh[0] if fresh else None
 
         deadline = time.monotonic() + 60
         while (interrupted := running_trial()) is None and time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.1)
         assert interrupted is not None, processes.logs()
         # worker-2 has not started searching yet (it prints the baseline first): the RUNNING trial is worker-1's
         assert "[quanttune] baseline" not in (tmp_path / "worker-2.log").read_text(), processes.logs()
