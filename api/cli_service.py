@@ -72,6 +72,11 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Worker processes to start beside the API.")] = 1,
+    api_processes: Annotated[int, typer.Option("--api-processes", min=1, max=64, envvar="QUANTTUNE_API_PROCESSES",
+                                               help="API server processes sharing the port (one per core serves "
+                                                    "the most requests).")] = 1,
+    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log",
+                                             help="Log one line per HTTP request.")] = True,
     migrate_db: Annotated[bool, typer.Option("--migrate/--no-migrate", help="Migrate the database first.")] = True,
 ) -> None:
     """Run the API plus N worker processes (the embedded default: SQLite under ./quanttune-data)."""
@@ -91,14 +96,20 @@ def serve(
     env = {**os.environ, "QUANTTUNE_DB": settings.db_url, "QUANTTUNE_DATA_DIR": str(settings.data_dir)}
     children = [subprocess.Popen([sys.executable, "-m", "worker"], env=env, preexec_fn=_die_with_parent)
                 for _ in range(workers)]
-    typer.echo(f"quanttune API on http://{host}:{port}  ({workers} worker(s), database {_safe(settings.db_url)})")
+    typer.echo(f"quanttune API on http://{host}:{port}  ({api_processes} API process(es), {workers} worker(s), "
+               f"database {_safe(settings.db_url)})")
 
     def _exit(signum: int, _frame: object) -> None:  # uvicorn re-raises SIGTERM after its graceful shutdown
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, _exit)  # so that the `finally` below still stops the workers
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        if api_processes == 1:
+            uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=access_log)
+        else:  # each process builds its own app from the environment set above (uvicorn needs an import string)
+            os.environ.update(QUANTTUNE_DB=settings.db_url, QUANTTUNE_DATA_DIR=str(settings.data_dir))
+            uvicorn.run("api.app:create_app", factory=True, workers=api_processes, host=host, port=port,
+                        log_level="info", access_log=access_log)
     finally:
         _stop(children)
 

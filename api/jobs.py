@@ -214,9 +214,10 @@ _ARTIFACT_NAMES = (select(JobFile.job_id, JobFile.role)
 
 def list_jobs(session: Session, owner_id: int, status: str | None, offset: int, limit: int) -> tuple[list[Job], int]:
     params = {"owner": owner_id, "status": status, "offset": offset, "limit": limit}
-    count = session.scalar(_COUNT[status is not None], params) or 0
     jobs = list(session.scalars(_PAGE[status is not None], params))
-    return jobs, count
+    if 0 < len(jobs) < limit or (offset == 0 and not jobs):  # the last page: the count needs no query
+        return jobs, offset + len(jobs)
+    return jobs, session.scalar(_COUNT[status is not None], params) or 0
 
 
 def cancel_job(session: Session, job: Job) -> Job:

@@ -6,8 +6,8 @@
     python benchmarks/bench_load.py --part reads --duration 20 --connections 32
 
 Part 1 (reads): a real `quanttune serve --workers 0` holding one finished job (trials, artifacts)
-and a page of queued ones; wrk hammers each read endpoint for `--duration` seconds with
-`--connections` connections and 2 threads. Printed per endpoint: requests/s, p50/p99 latency,
+and a page of queued ones, with 1 and then 2 API processes (`--api-processes`); wrk hammers each
+read endpoint for `--duration` seconds with `--connections` connections and 2 threads. Printed per endpoint: requests/s, p50/p99 latency,
 non-2xx responses and socket errors (target: >= 500 requests/s with zero errors on 2 cores).
 
 Part 2 (jobs): a real `quanttune serve --workers N` (default 2); `--jobs` (default 50) small jobs
@@ -49,8 +49,8 @@ def quanttune(*args: str) -> list[str]:
 
 
 class Server:
-    def __init__(self, root: Path, db: str | None, workers: int) -> None:
-        self.root, self.workers = root, workers
+    def __init__(self, root: Path, db: str | None, workers: int, api_processes: int = 1, token: str | None = None) -> None:
+        self.root, self.workers, self.api_processes, self.token = root, workers, api_processes, token
         self.db = db or f"sqlite:///{root / 'quanttune.db'}"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -60,14 +60,15 @@ class Server:
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> Server:
-        subprocess.run(quanttune("migrate", "--db", self.db), check=True, capture_output=True, env=self.env)
-        done = subprocess.run(quanttune("token", "create", "--db", self.db, "--name", "bench"), check=True,
-                              capture_output=True, text=True, env=self.env)
-        self.token = done.stdout.strip().splitlines()[-1]
-        self.log = open(self.root / "serve.log", "wb")  # noqa: SIM115
+        if self.token is None:
+            subprocess.run(quanttune("migrate", "--db", self.db), check=True, capture_output=True, env=self.env)
+            done = subprocess.run(quanttune("token", "create", "--db", self.db, "--name", "bench"), check=True,
+                                  capture_output=True, text=True, env=self.env)
+            self.token = done.stdout.strip().splitlines()[-1]
+        self.log = open(self.root / "serve.log", "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
             quanttune("serve", "--db", self.db, "--data-dir", str(self.root / "data"), "--port", str(self.port),
-                      "--workers", str(self.workers), "--no-migrate"),
+                      "--workers", str(self.workers), "--api-processes", str(self.api_processes), "--no-migrate"),
             stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO, start_new_session=True)
         deadline = time.monotonic() + 120
         while True:
@@ -149,9 +150,15 @@ def wrk(url: str, token: str, duration: int, connections: int) -> dict[str, floa
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a process and its live descendants (Linux /proc), in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (task / "children").read_text().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(child) for child in children)
 
 
 def part_reads(args: argparse.Namespace, root: Path) -> None:
@@ -170,26 +177,32 @@ def part_reads(args: argparse.Namespace, root: Path) -> None:
         assert jobs[finished]["status"] == "succeeded", jobs
         for i in range(20):
             submit(client, files, f"queued {i}")
-        endpoints = {"GET /v1/health": "/v1/health", "GET /v1/jobs (21 jobs)": "/v1/jobs",
-                     "GET /v1/jobs/{id}": f"/v1/jobs/{finished}", "GET /v1/jobs/{id}/artifacts": f"/v1/jobs/{finished}/artifacts",
-                     "GET /v1/jobs/{id}/trials": f"/v1/jobs/{finished}/trials"}  # trials last: settled by then
-        for path in endpoints.values():
-            assert client.get(path).status_code == 200, path
-        load = os.getloadavg()[0]
-        print(f"\nread endpoints, wrk -t2 -c{args.connections} -d{args.duration}s on 127.0.0.1, {os.cpu_count()} CPUs "
-              f"(load average {load:.1f} before), one API process, database {server.db.split(':')[0]}")
-        print(f"{'endpoint':<30}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'requests':>10}{'non-2xx':>9}{'sock err':>9}"
-              f"{'server CPU ms/req':>19}")
-        for label, path in endpoints.items():
-            cpu = cpu_seconds(server.process.pid)
-            r = wrk(server.url + path, server.token, args.duration, args.connections)
-            per_request = 1000 * (cpu_seconds(server.process.pid) - cpu) / max(r["requests"], 1)
-            print(f"{label:<30}{r['rps']:>9.0f}{r['p50']:>9.1f}{r['p99']:>9.1f}{r['requests']:>10}{r['non2xx']:>9}"
-                  f"{r['socket_errors']:>9}{per_request:>19.2f}")
-        print("server CPU ms/req: CPU time the API process spent per request (1000 / it = the requests/s one "
-              "core can serve, whatever else runs on the machine)")
-        log = (server.root / "serve.log").read_text(errors="replace")
-        print(f"server log: {log.count('internal error')} internal errors")
+        db, token = server.db, server.token
+    endpoints = {"GET /v1/health": "/v1/health", "GET /v1/jobs (21 jobs)": "/v1/jobs",
+                 "GET /v1/jobs/{id}": f"/v1/jobs/{finished}", "GET /v1/jobs/{id}/artifacts": f"/v1/jobs/{finished}/artifacts",
+                 "GET /v1/jobs/{id}/trials": f"/v1/jobs/{finished}/trials"}
+    for processes in args.api_processes:
+        with Server(root / "reads", db, workers=0, api_processes=processes, token=token) as server, \
+                server.client() as client:
+            for path in endpoints.values():
+                assert client.get(path).status_code == 200, path
+            time.sleep(1)  # let every API process finish starting (the first answer needs only one)
+            load = os.getloadavg()[0]
+            print(f"\nread endpoints, wrk -t2 -c{args.connections} -d{args.duration}s on 127.0.0.1, {os.cpu_count()} "
+                  f"CPUs (load average {load:.1f} before), `serve --api-processes {processes}`, "
+                  f"database {server.db.split(':')[0]}")
+            print(f"{'endpoint':<30}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'requests':>10}{'non-2xx':>9}"
+                  f"{'sock err':>9}{'server CPU ms/req':>19}")
+            for label, path in endpoints.items():
+                cpu = cpu_seconds(server.process.pid)
+                r = wrk(server.url + path, server.token, args.duration, args.connections)
+                per_request = 1000 * (cpu_seconds(server.process.pid) - cpu) / max(r["requests"], 1)
+                print(f"{label:<30}{r['rps']:>9.0f}{r['p50']:>9.1f}{r['p99']:>9.1f}{r['requests']:>10}"
+                      f"{r['non2xx']:>9}{r['socket_errors']:>9}{per_request:>19.2f}")
+            log = (server.root / "serve.log").read_text(errors="replace")
+            print(f"server log: {log.count('internal error')} internal errors")
+    print("server CPU ms/req: CPU time the API processes spent per request (1000 / it = the requests/s one "
+          "core can serve, whatever else runs on the machine)")
 
 
 # -- part 2 ------------------------------------------------------------------------------------
@@ -251,6 +264,8 @@ def main() -> None:
     parser.add_argument("--db", help="database URL (default: a fresh SQLite file)")
     parser.add_argument("--duration", type=int, default=10, help="seconds of wrk per endpoint")
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--api-processes", type=int, nargs="+", default=[1, 2],
+                        help="`serve --api-processes` values to measure the reads with, in turn")
     parser.add_argument("--jobs", type=int, default=50)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=900)

@@ -82,7 +82,11 @@ def test_create_read_list_and_page_jobs(service: TestClient) -> None:
     page = service.get("/v1/jobs", params={"limit": 2}, headers=service.alice).json()
     assert page["count"] == 3 and [j["name"] for j in page["data"]] == ["job 2", "job 1"]
     rest = service.get("/v1/jobs", params={"limit": 2, "offset": 2}, headers=service.alice).json()
-    assert [j["name"] for j in rest["data"]] == ["job 0"]
+    assert [j["name"] for j in rest["data"]] == ["job 0"] and rest["count"] == 3  # the last page counts without a query
+    beyond = service.get("/v1/jobs", params={"limit": 2, "offset": 5}, headers=service.alice).json()
+    assert beyond == {"data": [], "count": 3}
+    full = service.get("/v1/jobs", params={"limit": 3}, headers=service.alice).json()
+    assert len(full["data"]) == 3 and full["count"] == 3
     assert service.get("/v1/jobs", params={"status": "running"}, headers=service.alice).json() == {"data": [], "count": 0}
     assert_error(service.get("/v1/jobs", params={"status": "bogus"}, headers=service.alice), 422, "invalid_input", "query.status")
     assert_error(service.get("/v1/jobs", params={"limit": 0}, headers=service.alice), 422, "invalid_input", "query.limit")
