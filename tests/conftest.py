@@ -170,17 +170,40 @@ def _make_token(url: str, name: str = "tests") -> str:
 @pytest.fixture
 def user_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A directory on sys.path (and PYTHONPATH for child processes) with `qt_usercode`, a package
-    of user code for references: a slow evaluation and evaluations that fail."""
+    of user code for references: a slow evaluation, a gated one and evaluations that fail.
+
+    `qt_usercode.evals:gated` is digits' evaluation run only when the test lets it through: call k
+    (counted in the directory `$QT_TEST_GATE`, so that calls made in a supervised child process and
+    in its successors count alike; call 1 is the FP32 baseline of a new study) creates
+    `call-<k>.started` there, then waits until `call-<k>.go` or `open` exists there (at most
+    `$QT_TEST_GATE_TIMEOUT` s, default 600: then it raises)."""
     root = tmp_path / "usercode"
     package = root / "qt_usercode"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "evals.py").write_text(textwrap.dedent('''
         import os, time
+        from pathlib import Path
         from tuner.examples import digits
 
         def slow(model):
             time.sleep(float(os.environ.get("QT_TEST_EVAL_SLEEP", "0.5")))
+            return digits.evaluate(model)
+
+        def gated(model):
+            gate = Path(os.environ["QT_TEST_GATE"])
+            call = 1
+            while True:  # the first number whose `.started` file this call creates (atomically)
+                try:
+                    os.close(os.open(gate / f"call-{call}.started", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                    break
+                except FileExistsError:
+                    call += 1
+            deadline = time.monotonic() + float(os.environ.get("QT_TEST_GATE_TIMEOUT", "600"))
+            while not ((gate / f"call-{call}.go").exists() or (gate / "open").exists()):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"evaluation call {call} was never let through {gate}")
+                time.sleep(0.05)
             return digits.evaluate(model)
 
         def broken(model):
