@@ -168,36 +168,46 @@ def run_case(name, model, batches, timing_batch, evaluate, args, tmp: pathlib.Pa
     return row
 
 
+def print_markdown(header: list[str], lines) -> None:
+    """One markdown table: a header row, its rule, then one row per list of cells."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for cells in lines:
+        print("| " + " | ".join(cells) + " |")
+
+
 def print_table(rows: list[dict], threads: list[int]) -> None:
-    print("\n| case | threads | torch FP32 ms | ORT FP32 ms | ORT INT8 ms | INT8 vs ORT FP32 | INT8 vs torch |"
-          " INT8 kernels / INT8 Linear+Conv layers |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        for t in threads:
-            lat = r["latency"][t]
-            print(f"| {r['case']} | {t} | {lat['torch_fp32']:.2f} | {lat['ort_fp32']:.2f} | {lat['ort_int8']:.2f} | "
-                  f"{lat['int8_vs_ort_fp32']:.2f}x | {lat['int8_vs_torch_fp32']:.2f}x | "
-                  f"{r['int8_kernels']}/{r['int8_layers']} |")
-    print("\n| case | FP32 file | INT8 file | INT8/FP32 | layers' own bytes INT8/FP32 | FP32 metric | simulated |"
-          " deployed | sim drop | deployed drop |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        metric = (f"{r['baseline']:.3f} | {r['simulated']:.3f} | {r['deployed']:.3f} | "
-                  f"{r['simulated_drop']:+.3%} | {r['deployed_drop']:+.3%}") if "baseline" in r else "- | - | - | - | -"
-        print(f"| {r['case']} | {r['fp32_bytes'] / 1e6:.2f} MB | {r['int8_bytes'] / 1e6:.2f} MB | "
-              f"{r['size_ratio']:.1%} | {r['layer_bytes_ratio']:.1%} | {metric} |")
+    def per_thread(selected: list[dict]):
+        return ((r, t, r["latency"][t]) for r in selected for t in threads)
+
+    print()
+    print_markdown(
+        ["case", "threads", "torch FP32 ms", "ORT FP32 ms", "ORT INT8 ms", "INT8 vs ORT FP32", "INT8 vs torch",
+         "INT8 kernels / INT8 Linear+Conv layers"],
+        ([r["case"], str(t), f"{lat['torch_fp32']:.2f}", f"{lat['ort_fp32']:.2f}", f"{lat['ort_int8']:.2f}",
+          f"{lat['int8_vs_ort_fp32']:.2f}x", f"{lat['int8_vs_torch_fp32']:.2f}x",
+          f"{r['int8_kernels']}/{r['int8_layers']}"] for r, t, lat in per_thread(rows)))
+    print()
+    no_metric = ["-"] * 5
+    print_markdown(
+        ["case", "FP32 file", "INT8 file", "INT8/FP32", "layers' own bytes INT8/FP32", "FP32 metric", "simulated",
+         "deployed", "sim drop", "deployed drop"],
+        ([r["case"], f"{r['fp32_bytes'] / 1e6:.2f} MB ({r['fp32_bytes']} B)",
+          f"{r['int8_bytes'] / 1e6:.2f} MB ({r['int8_bytes']} B)", f"{r['size_ratio']:.1%}",
+          f"{r['layer_bytes_ratio']:.1%}",
+          *([f"{r['baseline']:.3f}", f"{r['simulated']:.3f}", f"{r['deployed']:.3f}",
+             f"{r['simulated_drop']:+.3%}", f"{r['deployed_drop']:+.3%}"] if "baseline" in r else no_metric)]
+         for r in rows))
     with_embeddings = [r for r in rows if r["int8_embeddings"]]
     if with_embeddings:
         print("\nINT8 embeddings (weight-only, Gather of int8 rows) vs the same plan with FP32 embeddings:")
-        print("| case | threads | INT8 file, FP32 embeddings | INT8 file, INT8 embeddings | ORT INT8 ms, FP32 embeddings |"
-              " ORT INT8 ms, INT8 embeddings | speed ratio |")
-        print("|---|---|---|---|---|---|---|")
-        for r in with_embeddings:
-            for t in threads:
-                lat = r["latency"][t]
-                print(f"| {r['case']} | {t} | {r['fp32_embed_bytes'] / 1e6:.2f} MB ({r['fp32_embed_size_ratio']:.1%}) | "
-                      f"{r['int8_bytes'] / 1e6:.2f} MB ({r['size_ratio']:.1%}) | {lat['ort_int8_fp32_embed']:.2f} | "
-                      f"{lat['ort_int8']:.2f} | {lat['int8_embed_vs_fp32_embed']:.2f}x |")
+        print_markdown(
+            ["case", "threads", "INT8 file, FP32 embeddings", "INT8 file, INT8 embeddings",
+             "ORT INT8 ms, FP32 embeddings", "ORT INT8 ms, INT8 embeddings", "speed ratio"],
+            ([r["case"], str(t), f"{r['fp32_embed_bytes'] / 1e6:.2f} MB ({r['fp32_embed_size_ratio']:.1%})",
+              f"{r['int8_bytes'] / 1e6:.2f} MB ({r['size_ratio']:.1%})", f"{lat['ort_int8_fp32_embed']:.2f}",
+              f"{lat['ort_int8']:.2f}", f"{lat['int8_embed_vs_fp32_embed']:.2f}x"]
+             for r, t, lat in per_thread(with_embeddings)))
 
 
 def print_targets(rows: list[dict]) -> None:

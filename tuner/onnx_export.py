@@ -28,8 +28,9 @@ The graph comes from the torch.export-based exporter (`torch.onnx.export(dynamo=
 custom ops carry the quantization through tracing and are translated to QuantizeLinear and
 DequantizeLinear. Every input dimension the model allows is dynamic (batch, sequence length,
 image size). What `load_onnx` needs to call the file like the original model (input names,
-positional or keyword, output structure) and the per-layer quantization nodes are stored in the
-model's metadata under the key "quanttune".
+positional or keyword, output structure), the plan and the per-layer quantization nodes are stored
+in the model's metadata under the key "quanttune"; the exporter's own debugging metadata, node
+names and default-valued attributes are dropped.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from .qmodules import QuantizedLayer, apply_plan
 from .quant import quantize
 
 METADATA_KEY = "quanttune"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: per-layer descriptions stored in full (precision, weight, null fields)
 _TWO_GB = 2**31
 
 
@@ -304,7 +305,7 @@ def export_onnx(
     """
     import onnx
 
-    from .onnx_graph import annotate_layers, strip_exporter_metadata
+    from .onnx_graph import annotate_layers, drop_default_attributes, pack_layers, strip_exporter_metadata
 
     path = pathlib.Path(path)
     if not isinstance(plan, Plan):
@@ -341,6 +342,7 @@ def export_onnx(
 
     proto = program.model_proto
     strip_exporter_metadata(proto, prefix="model.")
+    drop_default_attributes(proto)
     layers = annotate_layers(proto, plan, calibration)
     meta = {
         "format": FORMAT_VERSION,
@@ -348,7 +350,7 @@ def export_onnx(
         "outputs": tree,
         "output_names": [o.name for o in proto.graph.output],
         "plan": plan.to_dict(),
-        "layers": layers,
+        "layers": pack_layers(layers),  # read_metadata unpacks them with the plan
     }
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(meta, separators=(",", ":"))

@@ -7,7 +7,7 @@ from collections import defaultdict
 from typing import Any
 
 import onnx
-from onnx import numpy_helper
+from onnx import defs, helper, numpy_helper
 
 from .calibrate import Calibration
 from .onnx_export import ExportError
@@ -45,16 +45,20 @@ def _rename_tensors(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
 
 
 def strip_exporter_metadata(proto: onnx.ModelProto, prefix: str = "") -> None:
-    """Drop the exporter's per-node debugging metadata (stack traces, FX nodes: large, and they
-    leak local paths) and intermediate shape annotations, and strip `prefix` from initializer
-    names, so that they read like the model's parameters (`conv1.weight`)."""
+    """Drop what the exporter writes for its own debugging: per-node metadata (stack traces, FX
+    nodes: large, and they leak local paths), its node names (`node_relu_1`: the op type and
+    output say as much; `annotate_layers` names the quantization nodes), the graph's
+    torch.export signature and range constraints, and intermediate shape annotations; and strip
+    `prefix` from initializer names, so that they read like the model's parameters (`conv1.weight`)."""
     graph = proto.graph
     for node in graph.node:
         del node.metadata_props[:]
-        node.doc_string = ""
+        node.ClearField("doc_string")  # cleared, not set to "": an empty string is still written
+        node.ClearField("name")
     for collection in (graph.input, graph.output, graph.initializer):
         for item in collection:
             del item.metadata_props[:]
+    del graph.metadata_props[:]  # ExportedProgram.graph_signature (one line per buffer), range_constraints
     del graph.value_info[:]  # intermediate shapes: ONNX Runtime infers them; they only add bytes
     if prefix:
         taken = {init.name for init in graph.initializer}
@@ -64,6 +68,28 @@ def strip_exporter_metadata(proto: onnx.ModelProto, prefix: str = "") -> None:
             if init.name.startswith(prefix) and new not in taken:
                 renames[init.name] = new
         _rename_tensors(graph, renames)
+
+
+def drop_default_attributes(proto: onnx.ModelProto) -> None:
+    """Remove node attributes the exporter spells out at their operator's default value (Conv
+    `group=1`, Gemm `alpha=1.0`, QuantizeLinear `axis=1`, ...): the operator schema at the model's
+    opset defines them, so readers, ONNX Runtime included, see the same values without them."""
+    opsets = {o.domain: o.version for o in proto.opset_import}
+    for node in proto.graph.node:
+        try:
+            schema = defs.get_schema(node.op_type, opsets.get(node.domain, 1), node.domain)
+        except defs.SchemaError:  # an operator onnx does not know: leave it as it is
+            continue
+        keep = [a for a in node.attribute if not _is_default(a, schema.attributes.get(a.name))]
+        if len(keep) < len(node.attribute):
+            del node.attribute[:]
+            node.attribute.extend(keep)
+
+
+def _is_default(attribute: onnx.AttributeProto, declared: Any) -> bool:
+    if declared is None or not declared.default_value.name or attribute.type != declared.default_value.type:
+        return False  # no default (a required attribute, or one whose absence means something else)
+    return helper.get_attribute_value(attribute) == helper.get_attribute_value(declared.default_value)
 
 
 def _scalar(index: _Index, name: str) -> float | int | None:
@@ -98,6 +124,35 @@ def annotate_layers(proto: onnx.ModelProto, plan: Plan, calibration: Calibration
             raise GraphError(f"FP32 layer {name!r} has a {onnx.TensorProto.DataType.Name(weight.data_type)} weight.")
         else:
             layers[name] = {"precision": "fp32"}
+    return layers
+
+
+# What the file's metadata stores per layer is the description above without what the file says
+# elsewhere: the precision (the plan's, stored once), the weight (always `<layer>.weight`) and
+# the empty fields. `unpack_layers` (used by `read_metadata`) fills them back in.
+_LAYER_FIELDS = (
+    "op", "weight", "weight_axis", "input", "input_divisor", "input_codes", "input_scale", "input_zero_point",
+)
+_EMBEDDING_FIELDS = ("op", "weight", "weight_axis", "weight_scale", "input")
+
+
+def pack_layers(layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The `annotate_layers` descriptions as the metadata stores them (an FP32 layer: `{}`)."""
+    return {
+        name: {k: v for k, v in layer.items() if k not in ("precision", "weight") and v is not None}
+        for name, layer in layers.items()
+    }
+
+
+def unpack_layers(stored: dict[str, dict[str, Any]], plan: Plan) -> dict[str, dict[str, Any]]:
+    """The `annotate_layers` descriptions back from `pack_layers` and the plan."""
+    layers: dict[str, dict[str, Any]] = {}
+    for name, layer in stored.items():
+        if not plan.config(name).int8:
+            layers[name] = {"precision": "fp32"}
+            continue
+        fields = _EMBEDDING_FIELDS if layer.get("op") == "Gather" else _LAYER_FIELDS
+        layers[name] = {"precision": "int8", **{k: layer.get(k) for k in fields}, "weight": f"{name}.weight"}
     return layers
 
 

@@ -76,10 +76,16 @@ def read_metadata(path: str | pathlib.Path) -> dict[str, Any]:
     """The quanttune metadata of an exported file (inputs, outputs, plan, layers)."""
     import onnx
 
+    from .onnx_graph import unpack_layers
+    from .plan import Plan
+
     proto = onnx.load(str(path), load_external_data=False)
     for prop in proto.metadata_props:
         if prop.key == METADATA_KEY:
-            return json.loads(prop.value)
+            metadata = json.loads(prop.value)
+            if metadata.get("format", 1) >= 2:  # layers stored without what the plan says
+                metadata["layers"] = unpack_layers(metadata["layers"], Plan.from_dict(metadata["plan"]))
+            return metadata
     raise QuanttuneError(f"{path} was not exported by quanttune: it has no {METADATA_KEY!r} metadata.")
 
 

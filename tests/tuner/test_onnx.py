@@ -4,6 +4,7 @@ it in INT8 kernels, and the deployed model computes what the simulation measured
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import onnx
@@ -245,6 +246,46 @@ def test_fp32_plan_exports_a_float_model(cnn, tmp_path, images):
     deployed = load_onnx(path)
     with torch.no_grad():
         torch.testing.assert_close(deployed(images), model(images), rtol=1e-4, atol=1e-4)
+
+
+def test_file_holds_the_model_and_the_plan_once_not_the_exporters_extras(cnn, int8_cnn, tmp_path):
+    """Around the weights the file keeps the graph and our metadata: no exporter signature, debug
+    strings, exporter node names or attributes spelled out at their default, and the plan stored
+    once (the per-layer descriptions leave out what it says; read_metadata fills that back in)."""
+    model, _, cal = cnn
+    plan, path = int8_cnn
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto, full_check=True)
+    assert not proto.graph.metadata_props and not proto.graph.value_info
+    assert not any(n.HasField("doc_string") or n.metadata_props for n in proto.graph.node)
+    assert {n.name.partition("/")[0] for n in proto.graph.node if n.name} == set(plan.int8_layers)
+    opset = next(o.version for o in proto.opset_import if o.domain == "")
+    for node in proto.graph.node:
+        declared = onnx.defs.get_schema(node.op_type, opset).attributes
+        for a in node.attribute:
+            default = declared[a.name].default_value
+            assert not default.name or onnx.helper.get_attribute_value(a) != onnx.helper.get_attribute_value(default)
+
+    stored = json.loads(next(p.value for p in proto.metadata_props if p.key == "quanttune"))
+    assert stored["format"] == 2 and stored["plan"] == plan.to_dict()
+    for layer in stored["layers"].values():
+        assert not {"precision", "weight"} & set(layer) and None not in layer.values()
+    meta = read_metadata(path)
+    act = cal.activation_qparams("conv1", "mse", False)
+    assert meta["layers"]["conv1"] == {
+        "precision": "int8", "op": "Conv", "weight": "conv1.weight", "weight_axis": 0, "input": "x",
+        "input_divisor": None, "input_codes": stored["layers"]["conv1"]["input_codes"],
+        "input_scale": act.scale.item(), "input_zero_point": act.zero_point.item()}
+
+    # files of format 1 (every layer described in full) still read as they are
+    old = {**meta, "format": 1}
+    next(p for p in proto.metadata_props if p.key == "quanttune").value = json.dumps(old)
+    onnx.save(proto, tmp_path / "format1.onnx")
+    assert read_metadata(tmp_path / "format1.onnx") == old
+
+    # issue 4's target: fully INT8, the file is at most 30% of the FP32 export
+    fp32 = export_onnx(model, Plan(), cal, tmp_path / "fp32.onnx")
+    assert path.stat().st_size <= 0.30 * fp32.stat().st_size
 
 
 # -- deployed == simulated ---------------------------------------------------------------------
