@@ -34,6 +34,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, timeout: float = 180.0, process: subprocess.Popen | None = None) -> None:
+    """Return once the API on `url` answers `/v1/health`; `EmbeddedServerError` after `timeout` s,
+    or as soon as `process` (the server, where we started it) has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise EmbeddedServerError(f"quanttune serve exited with code {process.returncode}")
+        try:
+            if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise EmbeddedServerError(f"quanttune serve did not answer on {url} within {timeout:.0f}s")
+
+
 class EmbeddedServer:
     def __init__(self, data_dir: Path, *, port: int = 0, workers: int = 1, allowed_modules: tuple[str, ...] = ("tuner.examples",),
                  env: dict[str, str] | None = None) -> None:
@@ -50,7 +66,11 @@ class EmbeddedServer:
 
     def __enter__(self) -> EmbeddedServer:
         self.start()
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:  # not up (or Ctrl-C meanwhile): leave nothing running
+            self.stop()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -105,18 +125,12 @@ class EmbeddedServer:
             log.close()
 
     def wait_ready(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is None or self.process.poll() is not None:
-                raise EmbeddedServerError(f"quanttune serve exited with code {self.process and self.process.returncode}\n"
-                                          f"{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/v1/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise EmbeddedServerError(f"quanttune serve did not answer on {self.url} within {timeout:.0f}s\n{self.log_tail()}")
+        if self.process is None:
+            raise EmbeddedServerError("quanttune serve was not started (call start() first)")
+        try:
+            wait_healthy(self.url, timeout, self.process)
+        except EmbeddedServerError as exc:
+            raise EmbeddedServerError(f"{exc}\n{self.log_tail()}") from None
 
     def stop(self, grace: float = 60.0) -> int | None:
         """SIGTERM (serve stops its workers, then exits); SIGKILL to the group after `grace` s."""

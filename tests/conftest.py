@@ -11,11 +11,9 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,22 +22,14 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import free_port, pythonpath, user_package
+from tests.support import make_token as new_token
 
 
 @pytest.fixture(name="free_port")
 def free_port_fixture():  # noqa: ANN201
     """`free_port()` -> a free TCP port on 127.0.0.1 (never 5432)."""
     return free_port
-
-
-def free_port() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port != 5432:
-            return port
 
 
 @dataclass
@@ -156,17 +146,6 @@ def migrated_db(request: pytest.FixtureRequest, tmp_path: Path, _migrated_templa
     server.drop_database(name)
 
 
-def _make_token(url: str, name: str = "tests") -> str:
-    from api.auth import create_token
-    from api.db import make_engine, make_sessionmaker
-
-    engine = make_engine(url)
-    with make_sessionmaker(engine)() as session:
-        token = create_token(session, name)
-    engine.dispose()
-    return token
-
-
 @pytest.fixture
 def user_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A directory on sys.path (and PYTHONPATH for child processes) with `qt_usercode`, a package
@@ -177,11 +156,7 @@ def user_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     in its successors count alike; call 1 is the FP32 baseline of a new study) creates
     `call-<k>.started` there, then waits until `call-<k>.go` or `open` exists there (at most
     `$QT_TEST_GATE_TIMEOUT` s, default 600: then it raises)."""
-    root = tmp_path / "usercode"
-    package = root / "qt_usercode"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "evals.py").write_text(textwrap.dedent('''
+    root = user_package(tmp_path / "usercode", "qt_usercode", '''
         import os, time
         from pathlib import Path
         from tuner.examples import digits
@@ -211,9 +186,9 @@ def user_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
         def not_a_number(model):
             return "high"
-    '''))
+    ''')
     monkeypatch.syspath_prepend(str(root))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH", pythonpath(root))
     yield root
     for name in [m for m in sys.modules if m == "qt_usercode" or m.startswith("qt_usercode.")]:
         del sys.modules[name]
@@ -222,7 +197,7 @@ def user_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def make_token():  # noqa: ANN201
     """`make_token(db_url, name)` -> a new API token stored in that database."""
-    return _make_token
+    return new_token
 
 
 @pytest.fixture

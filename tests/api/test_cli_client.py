@@ -26,7 +26,7 @@ LAYERS = ["conv1", "conv2", "fc1", "fc2"]
 
 @pytest.fixture(scope="module")
 def env(running_server) -> dict[str, str]:  # noqa: ANN001
-    return {"QUANTTUNE_URL": running_server.url, "QUANTTUNE_TOKEN": running_server.token("cli-tests"),
+    return {"QUANTTUNE_URL": running_server.url, "QUANTTUNE_TOKEN": running_server.new_token("cli-tests"),
             "COLUMNS": "200"}
 
 

@@ -38,7 +38,7 @@ NAIVE = {"activation": ["max"], "scheme": ["symmetric"], "weights": ["per_tensor
 
 @pytest.fixture(scope="module")
 def token(running_server) -> str:  # noqa: ANN001
-    return running_server.token("sdk-tests")
+    return running_server.new_token("sdk-tests")
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_errors_are_typed_and_carry_the_servers_message(running_server, readme: 
         client.job(10**9)
     assert raised.value.status == 404 and str(10**9) in raised.value.message
     with pytest.raises(NotFoundError):  # another token's job looks the same as a missing one
-        Client(url, running_server.token("intruder")).job(readme["info"].id)
+        Client(url, running_server.new_token("intruder")).job(readme["info"].id)
 
     before = client.jobs_page().count
     with pytest.raises(InvalidInputError) as raised:
@@ -175,7 +175,7 @@ def test_errors_are_typed_and_carry_the_servers_message(running_server, readme: 
     with pytest.raises(InvalidInputError) as raised:
         client.submit(spec["model"], spec["calibration"], spec["evaluate"], max_drop=-0.5)
     server = httpx.post(f"{url}/v1/jobs", files={"spec": (None, json.dumps(spec))},
-                        headers={"Authorization": f"Bearer {running_server.token('raw')}"}).json()["error"]
+                        headers={"Authorization": f"Bearer {running_server.new_token('raw')}"}).json()["error"]
     assert raised.value.message == server["message"] and raised.value.field == server["field"] == "spec.max_drop"
     assert client.jobs_page().count == before
 

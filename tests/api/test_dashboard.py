@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.support import ServerProcess, submit, user_package, wait_job
 
 pytestmark = pytest.mark.browser
 
@@ -36,56 +32,22 @@ DIGITS = {"model": "tuner.examples.digits:build_model", "calibration": "tuner.ex
 NAIVE = {"activation": ["max"], "weights": ["per_tensor"], "scheme": ["affine"], "smooth": False}
 
 
-@dataclass
-class Server:
-    url: str
-    db: str
+class Server(ServerProcess):
+    """`quanttune serve` with one worker, two tokens (alice, bob) and alice's finished job."""
+
     alice: str
     bob: str
     job: dict
-    log: Path
 
     def client(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=30, follow_redirects=False)
 
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")[-5000:]
-
-
-def _quanttune(*args: str) -> list[str]:
-    exe = shutil.which("quanttune")
-    return [exe, *args] if exe else [sys.executable, "-c", "from api.cli import main; main()", *args]
-
-
-def _submit(client: httpx.Client, spec: dict) -> int:
-    response = client.post("/v1/jobs", files={"spec": (None, json.dumps(spec))})
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
-
-
-def _wait_job(server: Server, client: httpx.Client, job_id: int, until, timeout: float) -> dict:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while True:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if until(job):
-            return job
-        if time.monotonic() > deadline or job["status"] in ("failed", "cancelled"):
-            raise AssertionError(f"job {job_id}: {json.dumps(job)}\n{server.logs()}")
-        time.sleep(0.3)
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """`quanttune serve` with one worker, two tokens (alice, bob) and alice's finished job."""
-    from api.migrate import migrate
-    from tests.conftest import _make_token, free_port
-
     root = tmp_path_factory.mktemp("dashboard")
-    usercode = root / "usercode" / "qt_dash_usercode"
-    usercode.mkdir(parents=True)
-    (usercode / "__init__.py").write_text("")
-    (usercode / "evals.py").write_text(textwrap.dedent('''
+    usercode = user_package(root / "usercode", "qt_dash_usercode", '''
         import time
         from tuner.examples import digits
 
@@ -96,42 +58,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             time.sleep(1.5)
             calls.append(1)
             return digits.evaluate(model) - (0.0 if len(calls) == 1 else 5.0)  # the first call is the baseline
-    '''))
-    db, port = f"sqlite:///{root / 'quanttune.db'}", free_port()
-    migrate(db)
-    alice, bob = _make_token(db, "alice"), _make_token(db, "bob")
-    env = {**os.environ, "QUANTTUNE_ALLOWED_MODULES": "tuner.examples,qt_dash_usercode", "PYTHONUNBUFFERED": "1",
-           "QUANTTUNE_POLL_SECONDS": "0.3",
-           "OMP_NUM_THREADS": "1",  # the tiny CNN trains ~6x faster on 1 thread than on 2 contended cores
-           "PYTHONPATH": os.pathsep.join([str(usercode.parent), str(REPO), os.environ.get("PYTHONPATH", "")])}
-    log = root / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(_quanttune("serve", "--db", db, "--data-dir", str(root / "data"), "--port", str(port),
-                                           "--workers", "1", "--no-migrate"),
-                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    server = Server(f"http://127.0.0.1:{port}", db, alice, bob, {}, log)
-    try:
-        with server.client(alice) as client:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if client.get("/v1/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline and proc.poll() is None, "the server did not start\n" + server.logs()
-                time.sleep(0.3)
-            job_id = _submit(client, {"name": "digits naive", **DIGITS, "space": NAIVE, "max_trials": 12})
-            server.job = _wait_job(server, client, job_id, lambda j: j["status"] == "succeeded", timeout=240)
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    ''')
+    with Server(root, allowed=["qt_dash_usercode"], importable=[usercode]) as served:
+        served.alice, served.bob = served.new_token("alice"), served.new_token("bob")
+        with served.client(served.alice) as client:
+            job_id = submit(client, {"name": "digits naive", **DIGITS, "space": NAIVE, "max_trials": 12})
+            served.job = wait_job(client, job_id, lambda j: j["status"] == "succeeded", 240, served)
+        yield served
 
 
 # ---------------------------------------------------------------- plain HTTP
@@ -151,7 +84,7 @@ def _token_row(server: Server, name: str):  # noqa: ANN202
     from api.db import make_engine, make_sessionmaker
     from api.models import Token
 
-    engine = make_engine(server.db)
+    engine = make_engine(server.db_url)
     with make_sessionmaker(engine)() as session:
         row = session.scalar(select(Token).where(Token.name == name))
     engine.dispose()
@@ -392,9 +325,9 @@ def test_finished_job_pages_render_every_plot_table_and_layer(alice_page: Page, 
 def test_live_updates_and_cancel_from_the_page(alice_page: Page, server: Server) -> None:
     page = alice_page.page
     with server.client(server.alice) as api:
-        job_id = _submit(api, {"name": "slow, never within budget", **DIGITS, "space": NAIVE, "max_trials": 60,
+        job_id = submit(api, {"name": "slow, never within budget", **DIGITS, "space": NAIVE, "max_trials": 60,
                                "evaluate": "qt_dash_usercode.evals:slow_and_never_enough"})
-        _wait_job(server, api, job_id, lambda j: j["status"] == "running", timeout=60)
+        wait_job(api, job_id, lambda j: j["status"] == "running", 60, server)
 
     page.goto("/dashboard/jobs")
     progress = page.locator(f"#jobs tr[data-job-id='{job_id}'] td:nth-child(3)")
@@ -451,7 +384,7 @@ def test_another_token_sees_neither_the_job_nor_its_page(browser, server: Server
 def test_job_names_are_shown_as_text_never_run_as_html(alice_page: Page, server: Server) -> None:
     name = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'
     with server.client(server.alice) as api:
-        job_id = _submit(api, {"name": name, **DIGITS, "max_trials": 1})
+        job_id = submit(api, {"name": name, **DIGITS, "max_trials": 1})
         api.post(f"/v1/jobs/{job_id}/cancel")  # it need not run
     page = alice_page.page
     page.goto("/dashboard/jobs")

@@ -4,96 +4,29 @@ them killed with SIGKILL mid-job."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.support import Processes, submit, wait_http, wait_job
 
 pytestmark = pytest.mark.slow
 
 NAIVE = {"activation": ["max"], "scheme": ["symmetric"], "weights": ["per_tensor"], "smooth": False}  # breaks 1%
 
 
-def quanttune(*args: str) -> list[str]:
-    exe = shutil.which("quanttune")
-    return [exe, *args] if exe else [sys.executable, "-c", "from api.cli import main; main()", *args]
-
-
-class Processes:
-    """Child processes with their output in files, all stopped at the end (output shown on failure)."""
-
-    def __init__(self, directory: Path, env: dict[str, str]) -> None:
-        self.directory, self.env, self.started = directory, env, []
-
-    def start(self, name: str, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = open(self.directory / f"{name}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(quanttune(*args), stdout=log, stderr=subprocess.STDOUT,
-                                env={**self.env, **(extra_env or {})}, start_new_session=True)
-        self.started.append((name, proc, log))
-        return proc
-
-    def run(self, *args: str) -> str:
-        done = subprocess.run(quanttune(*args), capture_output=True, text=True, env=self.env, timeout=180)
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {name} ({'running' if proc.poll() is None else f'exited {proc.returncode}'}) ---\n"
-                         f"{(self.directory / f'{name}.log').read_text(errors='replace')[-4000:]}"
-                         for name, proc, _ in self.started)
-
-    def stop(self) -> None:
-        for _, proc, _ in self.started:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _, proc, log in self.started:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            log.close()
-
-
 @pytest.fixture
-def processes(tmp_path: Path, user_modules: Path):  # noqa: ANN201
+def processes(tmp_path: Path, user_modules: Path) -> Iterator[Processes]:
     env = {**os.environ, "QUANTTUNE_ALLOWED_MODULES": "tuner.examples,qt_usercode", "PYTHONUNBUFFERED": "1"}
     procs = Processes(tmp_path, env)
     yield procs
-    procs.stop()
-
-
-def wait_http(client: httpx.Client, procs: Processes, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if client.get("/v1/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError("the API did not come up\n" + procs.logs())
-
-
-def poll(client: httpx.Client, job_id: int, procs: Processes, until, timeout: float) -> dict:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            job = client.get(f"/v1/jobs/{job_id}").json()
-        except httpx.TransportError as exc:
-            raise AssertionError(f"job {job_id}: the API did not answer ({exc!r})\n{procs.logs()}") from exc
-        if until(job):
-            return job
-        if time.monotonic() > deadline or job["status"] in ("failed", "cancelled"):
-            raise AssertionError(f"job {job_id}: {json.dumps(job)}\n{procs.logs()}")
-        time.sleep(0.5)
+    procs.close()
 
 
 def children_of(pid: int) -> list[int]:
@@ -108,25 +41,19 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-def submit(client: httpx.Client, spec: dict) -> int:
-    response = client.post("/v1/jobs", files={"spec": (None, json.dumps(spec))})
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
-
-
 def test_serve_runs_a_submitted_job_to_completion(processes: Processes, tmp_path: Path, free_port) -> None:  # noqa: ANN001
     db, port = f"sqlite:///{tmp_path / 'data' / 'quanttune.db'}", free_port()
     processes.run("migrate", "--db", db)
     token = processes.run("token", "create", "--db", db, "--name", "e2e").strip().splitlines()[-1]
     serve = processes.start("serve", "serve", "--db", db, "--data-dir", str(tmp_path / "data"), "--port", str(port),
                             "--workers", "1")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"},
-                      timeout=30) as client:
-        wait_http(client, processes)
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
+        wait_http(url, processes, process=serve)
         job_id = submit(client, {"name": "e2e", "model": "tuner.examples.digits:build_model",
                                  "calibration": "tuner.examples.digits:calibration_data",
                                  "evaluate": "tuner.examples.digits:evaluate", "space": NAIVE, "max_trials": 12})
-        job = poll(client, job_id, processes, lambda j: j["status"] == "succeeded", timeout=300)
+        job = wait_job(client, job_id, lambda j: j["status"] == "succeeded", 300, processes)
         assert job["met"] and job["baseline"] > 90 and job["drop"] <= 0.01
         trials = client.get(f"/v1/jobs/{job_id}/trials").json()
         assert trials["count"] >= 2 and trials["data"][0]["number"] == 0
@@ -180,12 +107,12 @@ def test_two_workers_share_a_job_and_one_is_killed_mid_job(processes: Processes,
     db, port = postgres_url, free_port()
     processes.run("migrate", "--db", db)
     token = processes.run("token", "create", "--db", db, "--name", "e2e").strip().splitlines()[-1]
-    processes.start("api", "serve", "--db", db, "--port", str(port), "--workers", "0", "--no-migrate",
+    url = f"http://127.0.0.1:{port}"
+    api = processes.start("api", "serve", "--db", db, "--port", str(port), "--workers", "0", "--no-migrate",
                     "--data-dir", str(tmp_path / "api"))
     worker_env = {"QUANTTUNE_LEASE_SECONDS": "6", "QUANTTUNE_TRIAL_GRACE_SECONDS": "12", "QUANTTUNE_POLL_SECONDS": "0.3"}
     gate1, gate2 = Gate(tmp_path / "gate-1"), Gate(tmp_path / "gate-2")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"},
-                      timeout=30) as client:
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
 
         def trials(**params: object) -> list[dict]:
             return client.get(f"/v1/jobs/{job_id}/trials", params={"limit": 1000, **params}).json()["data"]
@@ -205,13 +132,13 @@ def test_two_workers_share_a_job_and_one_is_killed_mid_job(processes: Processes,
                 time.sleep(0.1)
 
         try:
-            wait_http(client, processes)
+            wait_http(url, processes, process=api)
             job_id = submit(client, {"name": "shared", "model": "tuner.examples.digits:build_model",
                                      "calibration": "tuner.examples.digits:calibration_data",
                                      "evaluate": "qt_usercode.evals:gated", "space": NAIVE, "parallelism": 2,
                                      "max_trials": 12})
             doomed = processes.start("worker-1", "worker", "--db", db, "--data-dir", str(tmp_path / "w1"),
-                                     extra_env={**worker_env, **gate1.env})
+                                     env={**worker_env, **gate1.env})
             for call in (1, 2):  # the FP32 baseline, then trial 0
                 wait_started(gate1, call, doomed)
                 gate1.release(call)
@@ -225,15 +152,15 @@ def test_two_workers_share_a_job_and_one_is_killed_mid_job(processes: Processes,
             assert interrupted["summary"] and interrupted["fp32_layers"], explain()  # a fallback plan, not a sample
 
             processes.start("worker-2", "worker", "--db", db, "--data-dir", str(tmp_path / "w2"),
-                            extra_env={**worker_env, **gate2.env})
-            poll(client, job_id, processes, lambda j: j["workers"] == 2, timeout=120)
+                            env={**worker_env, **gate2.env})
+            wait_job(client, job_id, lambda j: j["workers"] == 2, 120, processes)
             assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running", explain()
             assert not gate1.started(4) and not (gate1.directory / "call-3.go").exists(), explain()
             assert trials(state="COMPLETE") == before, explain()  # worker-2 is held: nothing finished meanwhile
             os.kill(doomed.pid, signal.SIGKILL)  # mid-trial: its evaluation is waiting at the gate
             doomed.wait(10)
             gate2.open()
-            job = poll(client, job_id, processes, lambda j: j["status"] == "succeeded", timeout=300)
+            job = wait_job(client, job_id, lambda j: j["status"] == "succeeded", 300, processes)
         finally:  # nothing left waiting at a gate, whatever happened
             gate1.open()
             gate2.open()

@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from tests.reliability.conftest import DIGITS, Processes, wait_http, wait_job
+from tests.reliability.conftest import DIGITS
+from tests.support import Processes, wait_http, wait_job
 from tuner.exported import export_model
 
 pytestmark = pytest.mark.slow

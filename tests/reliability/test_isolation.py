@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from tests.reliability.conftest import DIGITS, NAIVE, Served, wait_job
+from tests.reliability.conftest import DIGITS, NAIVE, Served
+from tests.support import wait_job
 from tuner.exported import export_model
 
 pytestmark = pytest.mark.slow
@@ -38,10 +39,10 @@ def alice_jobs(served: Served, tmp_path_factory: pytest.TempPathFactory) -> dict
     with served.client("alice") as alice:
         spec = {"name": "alice finished", "evaluator": "agreement", "max_trials": 2}
         finished = alice.post("/v1/jobs", files={"spec": (None, json.dumps(spec)), **files}).json()["id"]
-        wait_job(alice, finished, lambda j: j["status"] == "succeeded", 240, served.procs)
+        wait_job(alice, finished, lambda j: j["status"] == "succeeded", 240, served)
         spec = {**DIGITS, "name": "alice running", "evaluate": "qt_faults.evals:slow", "space": NAIVE, "max_trials": 60}
         running = alice.post("/v1/jobs", files={"spec": (None, json.dumps(spec))}).json()["id"]
-        wait_job(alice, running, lambda j: j["status"] == "running" and j["progress"]["trials"] >= 1, 240, served.procs)
+        wait_job(alice, running, lambda j: j["status"] == "running" and j["progress"]["trials"] >= 1, 240, served)
         yield {"finished": finished, "running": running}
         alice.post(f"/v1/jobs/{running}/cancel")
 
@@ -109,14 +110,14 @@ def test_tokens_are_stored_only_as_hashes(served: Served, alice_jobs: dict) -> N
     from api.db import make_engine, make_sessionmaker
     from api.models import Token
 
-    engine = make_engine(served.db)
+    engine = make_engine(served.db_url)
     with make_sessionmaker(engine)() as session:
         stored = {t.name: t.token_hash for t in session.scalars(select(Token))}
     engine.dispose()
     for name, raw in served.tokens.items():
         assert stored[name] == hashlib.sha256(raw.encode()).hexdigest() and raw not in stored.values()
     # no file the service wrote (database, its WAL/journal, artifacts, logs) holds a token in clear
-    files = [p for p in served.root.rglob("*") if p.is_file()]
+    files = [p for p in served.data_dir.rglob("*") if p.is_file()]
     assert any(p.name == "quanttune.db" for p in files)
     for path in files:
         data = path.read_bytes()

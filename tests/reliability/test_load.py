@@ -16,7 +16,7 @@ from safetensors.torch import save as save_safetensors
 from sqlalchemy import select
 from torch import nn
 
-from tests.reliability.conftest import Processes, wait_http
+from tests.support import Processes, wait_http
 from tuner.exported import export_model
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.reliability.conftest import DIGITS, NAIVE, Processes, wait_http, wait_job
+from tests.reliability.conftest import DIGITS, NAIVE
+from tests.support import Processes, wait_http, wait_job
 
 pytestmark = pytest.mark.slow
 SLOW_JOB = {**DIGITS, "evaluate": "qt_faults.evals:slow", "space": NAIVE, "max_trials": 8}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,39 @@ def service(migrated_db: str, tmp_path: Path, make_token, user_modules):  # noqa
         client.headers["Authorization"] = f"Bearer {make_token(migrated_db)}"
         client.settings = settings
         yield client
+
+
+@dataclass
+class RunningJob:
+    """A digits job (naive space, 0.6 s per evaluation) that `worker` runs in `thread`, with at
+    least one trial finished; `outcome` receives what `worker.run_once()` returned."""
+
+    id: int
+    worker: Worker
+    thread: threading.Thread
+    outcome: list
+
+    def join(self, timeout: float = 60) -> list:
+        self.thread.join(timeout)
+        return self.outcome
+
+
+@pytest.fixture
+def running_job(service: TestClient, wait_until, monkeypatch) -> Iterator[RunningJob]:  # noqa: ANN001
+    monkeypatch.setenv("QT_TEST_EVAL_SLEEP", "0.6")
+    job_id = submit(service, {"model": "tuner.examples.digits:build_model",
+                              "calibration": "tuner.examples.digits:calibration_data",
+                              "evaluate": "qt_usercode.evals:slow", "space": NAIVE})
+    worker = Worker(service.settings)
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(worker.run_once()))
+    thread.start()
+    try:
+        wait_until(lambda: service.get(f"/v1/jobs/{job_id}").json()["progress"]["trials"] >= 1, 120, message="a trial")
+        yield RunningJob(job_id, worker, thread, outcome)
+    finally:  # never leave the worker running into the next test
+        worker.shutdown.set()
+        thread.join(60)
 
 
 def submit(client: TestClient, spec: dict, **files: bytes) -> int:
@@ -89,20 +124,11 @@ def test_failing_baseline_fails_the_job_with_the_reason(service: TestClient) -> 
 
 
 @SQLITE
-def test_cancel_takes_effect_within_one_trial(service: TestClient, wait_until, monkeypatch) -> None:  # noqa: ANN001
-    monkeypatch.setenv("QT_TEST_EVAL_SLEEP", "0.6")
-    job_id = submit(service, {"model": "tuner.examples.digits:build_model",
-                              "calibration": "tuner.examples.digits:calibration_data",
-                              "evaluate": "qt_usercode.evals:slow", "space": NAIVE})
-    worker = Worker(service.settings)
-    outcome: list = []
-    thread = threading.Thread(target=lambda: outcome.append(worker.run_once()))
-    thread.start()
-    wait_until(lambda: service.get(f"/v1/jobs/{job_id}").json()["progress"]["trials"] >= 1, 120, message="a trial")
+def test_cancel_takes_effect_within_one_trial(service: TestClient, running_job: RunningJob) -> None:
+    job_id = running_job.id
     assert service.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
     at_cancel = service.get(f"/v1/jobs/{job_id}/trials").json()["count"]
-    thread.join(60)
-    assert outcome == ["released"]
+    assert running_job.join() == ["released"]
     trials = service.get(f"/v1/jobs/{job_id}/trials").json()
     assert trials["count"] <= at_cancel + 1  # at most the trial in flight finished
     job = service.get(f"/v1/jobs/{job_id}").json()
@@ -129,41 +155,25 @@ def test_uploaded_export_archive_becomes_the_model(service: TestClient, tmp_path
 
 
 @SQLITE
-def test_deleting_a_running_job_stops_its_worker(service: TestClient, wait_until, monkeypatch) -> None:  # noqa: ANN001
-    monkeypatch.setenv("QT_TEST_EVAL_SLEEP", "0.6")
-    job_id = submit(service, {"model": "tuner.examples.digits:build_model",
-                              "calibration": "tuner.examples.digits:calibration_data",
-                              "evaluate": "qt_usercode.evals:slow", "space": NAIVE})
-    worker = Worker(service.settings)
-    outcome: list = []
-    thread = threading.Thread(target=lambda: outcome.append(worker.run_once()))
-    thread.start()
-    wait_until(lambda: service.get(f"/v1/jobs/{job_id}").json()["progress"]["trials"] >= 1, 120, message="a trial")
+def test_deleting_a_running_job_stops_its_worker(service: TestClient, running_job: RunningJob) -> None:
+    job_id = running_job.id
     assert service.delete(f"/v1/jobs/{job_id}").status_code == 204
-    thread.join(60)
-    assert not thread.is_alive() and outcome[0] in ("released", "lost")
+    outcome = running_job.join()
+    assert not running_job.thread.is_alive() and outcome[0] in ("released", "lost")
     assert service.get(f"/v1/jobs/{job_id}").status_code == 404
     assert service.get("/v1/jobs").json()["count"] == 0
     import optuna
 
     assert all(s.study_name != f"job-{job_id}" for s in optuna.get_all_study_summaries(service.settings.db_url))
-    assert worker.run_once() is None  # nothing left to claim
+    assert running_job.worker.run_once() is None  # nothing left to claim
 
 
 @SQLITE
-def test_shutdown_hands_the_slot_back_after_the_current_trial(service: TestClient, wait_until, monkeypatch) -> None:  # noqa: ANN001
-    monkeypatch.setenv("QT_TEST_EVAL_SLEEP", "0.6")
-    job_id = submit(service, {"model": "tuner.examples.digits:build_model",
-                              "calibration": "tuner.examples.digits:calibration_data",
-                              "evaluate": "qt_usercode.evals:slow", "space": NAIVE})
-    first = Worker(service.settings)
-    outcome: list = []
-    thread = threading.Thread(target=lambda: outcome.append(first.run_once()))
-    thread.start()
-    wait_until(lambda: service.get(f"/v1/jobs/{job_id}").json()["progress"]["trials"] >= 1, 120, message="a trial")
-    first.shutdown.set()  # what SIGTERM does
-    thread.join(60)
-    assert outcome == ["released"]
+def test_shutdown_hands_the_slot_back_after_the_current_trial(service: TestClient, running_job: RunningJob,
+                                                              monkeypatch) -> None:  # noqa: ANN001
+    job_id = running_job.id
+    running_job.worker.shutdown.set()  # what SIGTERM does
+    assert running_job.join() == ["released"]
     job = service.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "running" and job["workers"] == 0  # the slot is free at once, no lease to wait for
     done_before = {t["number"] for t in service.get(f"/v1/jobs/{job_id}/trials", params={"state": "COMPLETE"}).json()["data"]}
