@@ -18,6 +18,7 @@ from .errors import error_response, install_error_handlers
 from .routes import artifacts, health, jobs, trials
 from .settings import Settings, get_settings
 from .studies import Studies
+from .threads import default_threads, set_request_threads
 
 log = logging.getLogger("quanttune.api")
 
@@ -66,6 +67,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):  # noqa: ANN202
+        set_request_threads(settings.api_threads or default_threads(settings.db_url))
         yield
         studies.close()
         engine.dispose()

@@ -29,8 +29,8 @@ def is_sqlite(url: str) -> bool:
 
 def make_engine(url: str) -> Engine:
     if is_sqlite(url):
-        # as many connections as the API's thread pool has threads (40): requests wait on SQLite's
-        # lock (busy_timeout), not on the pool
+        # more connections than the API's threads (api/threads.py) and the dashboard's own sessions:
+        # requests wait on SQLite's lock (busy_timeout), never on the pool
         engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False}, pool_size=10,
                                max_overflow=30)
 

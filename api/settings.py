@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     trial_heartbeat_seconds: int = Field(5, ge=1, description="Optuna trial heartbeat period (RDB storage).")
     trial_grace_seconds: int = Field(30, ge=2, description="A RUNNING trial without heartbeat this long is failed and retried.")
     poll_seconds: float = Field(1.0, gt=0, description="How often an idle worker looks for a job.")
+    api_threads: int | None = Field(None, ge=1, le=256, description="Threads for the API's database work, per API "
+                                    "process; default 2 on SQLite, 8 on PostgreSQL (see api/threads.py).")
     trial_timeout: float | None = Field(None, gt=0, description="Default per-evaluation time limit (s) of jobs that "
                                         "set no `trial_timeout`; None: no limit.")
 

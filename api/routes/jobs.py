@@ -22,6 +22,7 @@ from ..jobs import (
     safe_filename,
 )
 from ..schemas import ErrorBody, JobPublic, JobsPublic, JobStatus
+from ..threads import run_upload_work
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=StrictFormRoute)  # text parts must be valid text
 _ERRORS = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}}
@@ -51,8 +52,8 @@ async def create(
                        ("calibration_file", calibration_file), ("eval_file", eval_file)):
         if part is not None:
             uploads[role] = Upload(role, safe_filename(part.filename, _DEFAULT_NAMES[role]), await part.read())
-    await run_in_threadpool(check_submission, job_spec, uploads, settings)
-    job = await run_in_threadpool(create_job, session, owner.id, job_spec, uploads)
+    await run_upload_work(check_submission, job_spec, uploads, settings)
+    job = await run_upload_work(create_job, session, owner.id, job_spec, uploads)
     return jobs_public(session, [job])[0]
 
 
