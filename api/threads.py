@@ -2,8 +2,8 @@
 
 Database work and the sync routes run in anyio's default pool, kept small: the work is short and
 holds the GIL most of the time, so more threads only queue on the GIL and on each other. Measured
-with wrk (16 connections, one API process, SQLite): 40 threads answered `GET /v1/jobs` at 3.8-5.1 ms
-of API CPU per request and p99 140-250 ms; 2 threads at 2.8-3.2 ms and p99 58-70 ms. PostgreSQL
+with wrk (16 connections, one API process, SQLite): 40 threads answered `GET /v1/jobs` at 5.1 ms of
+API CPU per request (8 threads: 3.8 ms) and p99 140-250 ms; 1-2 threads at 2.8-3.2 ms and p99 58-70 ms. PostgreSQL
 gets more threads because they also wait on the network.
 
 Checking and storing uploads takes seconds for a large model, so job submission runs that in a

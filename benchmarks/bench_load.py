@@ -65,6 +65,7 @@ class Server:
             done = subprocess.run(quanttune("token", "create", "--db", self.db, "--name", "bench"), check=True,
                                   capture_output=True, text=True, env=self.env)
             self.token = done.stdout.strip().splitlines()[-1]
+        self.root.mkdir(parents=True, exist_ok=True)
         self.log = open(self.root / "serve.log", "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
             quanttune("serve", "--db", self.db, "--data-dir", str(self.root / "data"), "--port", str(self.port),
