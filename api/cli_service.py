@@ -82,7 +82,7 @@ def serve(
     """Run the API plus N worker processes (the embedded default: SQLite under ./quanttune-data)."""
     import uvicorn
 
-    from .app import create_app
+    from .db import is_sqlite
 
     _logging()
     settings = _settings(db, data_dir)
@@ -91,10 +91,11 @@ def serve(
         from .migrate import migrate as run_migrate
 
         run_migrate(settings.db_url)
-    if settings.db_url.startswith("sqlite"):
+    if is_sqlite(settings.db_url):
         _first_token(settings)
-    env = {**os.environ, "QUANTTUNE_DB": settings.db_url, "QUANTTUNE_DATA_DIR": str(settings.data_dir)}
-    children = [subprocess.Popen([sys.executable, "-m", "worker"], env=env, preexec_fn=_die_with_parent)
+    # the workers and each API process read their settings from this environment
+    os.environ.update(QUANTTUNE_DB=settings.db_url, QUANTTUNE_DATA_DIR=str(settings.data_dir))
+    children = [subprocess.Popen([sys.executable, "-m", "worker"], preexec_fn=_die_with_parent)
                 for _ in range(workers)]
     typer.echo(f"quanttune API on http://{host}:{port}  ({api_processes} API process(es), {workers} worker(s), "
                f"database {_safe(settings.db_url)})")
@@ -104,12 +105,8 @@ def serve(
 
     signal.signal(signal.SIGTERM, _exit)  # so that the `finally` below still stops the workers
     try:
-        if api_processes == 1:
-            uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=access_log)
-        else:  # each process builds its own app from the environment set above (uvicorn needs an import string)
-            os.environ.update(QUANTTUNE_DB=settings.db_url, QUANTTUNE_DATA_DIR=str(settings.data_dir))
-            uvicorn.run("api.app:create_app", factory=True, workers=api_processes, host=host, port=port,
-                        log_level="info", access_log=access_log)
+        uvicorn.run("api.app:create_app", factory=True, workers=api_processes, host=host, port=port,
+                    log_level="info", access_log=access_log)
     finally:
         _stop(children)
 

@@ -20,13 +20,15 @@ import anyio.to_thread
 from anyio import CapacityLimiter
 from anyio.lowlevel import RunVar
 
+from .db import is_sqlite
+
 UPLOAD_THREADS = 4
 _T = TypeVar("_T")
 _uploads: RunVar[CapacityLimiter] = RunVar("quanttune_upload_limiter")
 
 
 def default_threads(db_url: str) -> int:
-    return 2 if db_url.startswith("sqlite") else 8
+    return 2 if is_sqlite(db_url) else 8
 
 
 def set_request_threads(threads: int) -> None:
