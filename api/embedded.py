@@ -29,9 +29,13 @@ class EmbeddedServerError(RuntimeError):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1, never PostgreSQL's 5432 (a database started later may want it)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port != 5432:
+            return port
 
 
 def wait_healthy(url: str, timeout: float = 180.0, process: subprocess.Popen | None = None) -> None:

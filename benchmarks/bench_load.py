@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,13 +34,9 @@ from pathlib import Path
 
 import httpx
 
+from api.embedded import EmbeddedServerError, free_port, wait_healthy
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def quanttune(*args: str) -> list[str]:
@@ -71,16 +66,11 @@ class Server:
             quanttune("serve", "--db", self.db, "--data-dir", str(self.root / "data"), "--port", str(self.port),
                       "--workers", str(self.workers), "--api-processes", str(self.api_processes), "--no-migrate"),
             stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{self.url}/v1/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise SystemExit("the server did not start:\n" + (self.root / "serve.log").read_text()[-3000:])
-            time.sleep(0.3)
+        try:
+            wait_healthy(self.url, 120, self.process)
+        except EmbeddedServerError as exc:
+            raise SystemExit(f"{exc}:\n" + (self.root / "serve.log").read_text()[-3000:]) from None
+        return self
 
     def __exit__(self, *exc: object) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import free_port, pythonpath, user_package
+from api.embedded import free_port
+from tests.support import pythonpath, user_package
 from tests.support import make_token as new_token
 
 

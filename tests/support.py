@@ -1,6 +1,6 @@
-"""Helpers for the tests that run real processes (tests/api, tests/reliability): free ports and
-tokens, packages of user code, `quanttune` child processes with their logs, waiting for the API
-and for a job, and `ServerProcess`, the product's embedded `quanttune serve` as tests run it.
+"""Helpers for the tests that run real processes (tests/api, tests/reliability): tokens,
+packages of user code, `quanttune` child processes with their logs, waiting for the API and for
+a job, and `ServerProcess`, the product's embedded `quanttune serve` as tests run it.
 
 Imported as `tests.support` (the repository root is on sys.path under `python -m pytest`)."""
 
@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,16 +23,6 @@ import httpx
 from api.embedded import EmbeddedServer, EmbeddedServerError, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (never 5432)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port != 5432:
-            return port
 
 
 def make_token(url: str, name: str = "tests") -> str:
@@ -94,6 +83,11 @@ class Processes:
         done = subprocess.run(quanttune(*args), capture_output=True, text=True, env=self.env, timeout=180)
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
+
+    def migrate_and_create_token(self, db: str, name: str) -> str:
+        """`quanttune migrate` the database at `db`, then `quanttune token create`: the new token."""
+        self.run("migrate", "--db", db)
+        return self.run("token", "create", "--db", db, "--name", name).strip().splitlines()[-1]
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         proc = self.procs[name]

@@ -43,8 +43,7 @@ def children_of(pid: int) -> list[int]:
 
 def test_serve_runs_a_submitted_job_to_completion(processes: Processes, tmp_path: Path, free_port) -> None:  # noqa: ANN001
     db, port = f"sqlite:///{tmp_path / 'data' / 'quanttune.db'}", free_port()
-    processes.run("migrate", "--db", db)
-    token = processes.run("token", "create", "--db", db, "--name", "e2e").strip().splitlines()[-1]
+    token = processes.migrate_and_create_token(db, "e2e")
     serve = processes.start("serve", "serve", "--db", db, "--data-dir", str(tmp_path / "data"), "--port", str(port),
                             "--workers", "1")
     url = f"http://127.0.0.1:{port}"
@@ -105,8 +104,7 @@ def test_two_workers_share_a_job_and_one_is_killed_mid_job(processes: Processes,
     heartbeat (grace 12 s) and, the search being a function of what the study knows, evaluates
     that same plan again."""
     db, port = postgres_url, free_port()
-    processes.run("migrate", "--db", db)
-    token = processes.run("token", "create", "--db", db, "--name", "e2e").strip().splitlines()[-1]
+    token = processes.migrate_and_create_token(db, "e2e")
     url = f"http://127.0.0.1:{port}"
     api = processes.start("api", "serve", "--db", db, "--port", str(port), "--workers", "0", "--no-migrate",
                     "--data-dir", str(tmp_path / "api"))

@@ -29,8 +29,7 @@ def cmdline(pid: int) -> str:
 def test_two_api_processes_serve_one_port_and_stop_together(processes: Processes, tmp_path: Path,
                                                             free_port, wait_until) -> None:  # noqa: ANN001
     db, port = f"sqlite:///{tmp_path / 'quanttune.db'}", free_port()
-    processes.run("migrate", "--db", db)
-    token = processes.run("token", "create", "--db", db, "--name", "alice").strip().splitlines()[-1]
+    token = processes.migrate_and_create_token(db, "alice")
     serve = processes.start("serve", "serve", "--db", db, "--data-dir", str(tmp_path / "data"), "--port", str(port),
                             "--workers", "1", "--api-processes", "2", "--no-migrate")
     url = f"http://127.0.0.1:{port}"

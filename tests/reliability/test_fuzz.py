@@ -42,8 +42,7 @@ def schemathesis(*args: str) -> list[str]:
 @pytest.fixture
 def server(processes: Processes, tmp_path: Path, free_port) -> dict:  # noqa: ANN001
     db, port = f"sqlite:///{tmp_path / 'quanttune.db'}", free_port()
-    processes.run("migrate", "--db", db)
-    token = processes.run("token", "create", "--db", db, "--name", "fuzz").strip().splitlines()[-1]
+    token = processes.migrate_and_create_token(db, "fuzz")
     processes.start("api", "serve", "--db", db, "--port", str(port), "--workers", "0", "--no-migrate",
                     "--data-dir", str(tmp_path / "api"), env={"QUANTTUNE_MAX_UPLOAD_BYTES": "1000000"})
     url = f"http://127.0.0.1:{port}"

@@ -29,8 +29,7 @@ def test_fifty_concurrent_jobs_are_all_accepted_finish_and_run_once(processes: P
     from api.models import Lease
 
     db, port = f"sqlite:///{tmp_path / 'quanttune.db'}", free_port()
-    processes.run("migrate", "--db", db)
-    token = processes.run("token", "create", "--db", db, "--name", "load").strip().splitlines()[-1]
+    token = processes.migrate_and_create_token(db, "load")
     processes.start("serve", "serve", "--db", db, "--data-dir", str(tmp_path / "data"), "--port", str(port),
                     "--workers", "2", "--no-migrate")
     url = f"http://127.0.0.1:{port}"

@@ -33,16 +33,22 @@ def start_api(processes: Processes, db: str, port: int, tmp_path: Path) -> None:
                     "--data-dir", str(tmp_path / "api"))
 
 
-def test_api_restarted_while_a_job_runs_loses_nothing(processes: Processes, fault_code: Path, tmp_path: Path,
-                                                      free_port) -> None:  # noqa: ANN001
-    db, port = f"sqlite:///{tmp_path / 'quanttune.db'}", free_port()
+def start_service(processes: Processes, fault_code: Path, db: str, port: int,
+                  tmp_path: Path) -> tuple[str, str, subprocess.Popen]:
+    """A migrated database, a token, the API (answering) and one worker: (token, API URL, worker)."""
     processes.env.update(PYTHONPATH=os.environ["PYTHONPATH"], QT_FAULT_DIR=str(fault_code))
-    processes.run("migrate", "--db", db)
-    token = processes.run("token", "create", "--db", db, "--name", "restart").strip().splitlines()[-1]
+    token = processes.migrate_and_create_token(db, "restart")
     start_api(processes, db, port, tmp_path)
     url = f"http://127.0.0.1:{port}"
     wait_http(url, processes)
     worker = processes.start("worker", "worker", "--db", db, "--data-dir", str(tmp_path / "worker"), env=WORKER_ENV)
+    return token, url, worker
+
+
+def test_api_restarted_while_a_job_runs_loses_nothing(processes: Processes, fault_code: Path, tmp_path: Path,
+                                                      free_port) -> None:  # noqa: ANN001
+    db, port = f"sqlite:///{tmp_path / 'quanttune.db'}", free_port()
+    token, url, worker = start_service(processes, fault_code, db, port, tmp_path)
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
         job_id = client.post("/v1/jobs", files={"spec": (None, json.dumps(SLOW_JOB))}).json()["id"]
         wait_job(client, job_id, lambda j: j["progress"]["trials"] >= 1, 240, processes)
@@ -82,13 +88,7 @@ def test_postgresql_restarted_while_a_job_runs_workers_and_api_reconnect(process
                                                                          postgres_server, postgres_url: str,  # noqa: ANN001
                                                                          tmp_path: Path, free_port) -> None:  # noqa: ANN001
     db, port = postgres_url, free_port()
-    processes.env.update(PYTHONPATH=os.environ["PYTHONPATH"], QT_FAULT_DIR=str(fault_code))
-    processes.run("migrate", "--db", db)
-    token = processes.run("token", "create", "--db", db, "--name", "restart").strip().splitlines()[-1]
-    start_api(processes, db, port, tmp_path)
-    url = f"http://127.0.0.1:{port}"
-    wait_http(url, processes)
-    worker = processes.start("worker", "worker", "--db", db, "--data-dir", str(tmp_path / "worker"), env=WORKER_ENV)
+    token, url, worker = start_service(processes, fault_code, db, port, tmp_path)
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.getuid() == 0 else []
     pg_ctl = [*as_postgres, str(postgres_server.bindir / "pg_ctl"), "-D", str(postgres_server.datadir)]
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
