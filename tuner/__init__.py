@@ -5,6 +5,7 @@
 """
 
 from .calibrate import Calibration, calibrate, quantizable_layers
+from .deployment import Deployment, check_deployment
 from .errors import (
     CalibrationError,
     EvaluationError,
@@ -15,6 +16,7 @@ from .errors import (
 from .exported import InvalidArchiveError, export_model, load_exported
 from .histogram import METHODS, TensorStats
 from .onnx_export import ExportError, export_onnx
+from .onnx_kernels import KernelCheck, check_kernels
 from .onnx_runtime import load_onnx
 from .plan import FP32, LayerConfig, Plan
 from .qmodules import QuantizedLayer, apply_plan
@@ -27,11 +29,13 @@ __all__ = [
     "METHODS",
     "Calibration",
     "CalibrationError",
+    "Deployment",
     "EvaluationError",
     "ExportError",
     "InvalidArchiveError",
     "InvalidArgumentError",
     "InvalidPlanError",
+    "KernelCheck",
     "LayerConfig",
     "LayerReport",
     "Plan",
@@ -42,6 +46,8 @@ __all__ = [
     "TuneResult",
     "apply_plan",
     "calibrate",
+    "check_deployment",
+    "check_kernels",
     "export_model",
     "export_onnx",
     "layer_report",

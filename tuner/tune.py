@@ -19,6 +19,7 @@ import optuna
 from torch import nn
 
 from .calibrate import Calibration, calibrate
+from .deployment import Deployment
 from .errors import EvaluationError, InvalidArgumentError
 from .ledger import build_ledger
 from .plan import Plan
@@ -53,6 +54,7 @@ class TuneResult:
     deployed_score: float | None = None
     deployed_drop: float | None = None
     warnings: list[str] = field(default_factory=list)
+    deployment: Deployment | None = None  # the deployed check: ONNX Runtime's kernels per layer, latency vs FP32
     calibration: Calibration | None = field(default=None, repr=False)
     original: nn.Module | None = field(default=None, repr=False)
     onnx: bytes | None = field(default=None, repr=False)  # the model `_verify` exported and measured
@@ -79,6 +81,7 @@ class TuneResult:
             "budget": self.budget, "coverage": self.coverage, "evaluations": self.evaluations,
             "int8_layers": self.int8_layers, "fp32_layers": self.fp32_layers, "study_name": self.study_name,
             "stopped": self.stopped, "seconds": self.seconds, "warnings": self.warnings,
+            "deployment": self.deployment.to_dict() if self.deployment is not None else None,
             "plan": self.plan.to_dict(), "ledger": self.ledger, "trials": self.trials,
         }
 
@@ -103,7 +106,8 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def _check_args(max_drop: float, relative: bool, max_trials: int | None, timeout: float | None) -> None:
+def _check_args(max_drop: float, relative: bool, max_trials: int | None, timeout: float | None,
+                latency_runs: int = 0) -> None:
     if not isinstance(max_drop, (int, float)) or not math.isfinite(max_drop) or max_drop < 0 or (relative and max_drop >= 1):
         rule = "0 <= max_drop < 1" if relative else "0 <= max_drop"
         raise InvalidArgumentError(f"`{rule}` must hold, but got {max_drop=}.")
@@ -111,6 +115,8 @@ def _check_args(max_drop: float, relative: bool, max_trials: int | None, timeout
         raise InvalidArgumentError(f"`max_trials >= 1` must hold, but got {max_trials=}.")
     if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
         raise InvalidArgumentError(f"`timeout > 0` (seconds) must hold, but got {timeout=}.")
+    if not isinstance(latency_runs, int) or isinstance(latency_runs, bool) or latency_runs < 0:
+        raise InvalidArgumentError(f"`latency_runs >= 0` must hold, but got {latency_runs=}.")
 
 
 def _baseline(study: optuna.Study, model: nn.Module, evaluate: Callable[[Any], float]) -> tuple[float, int]:
@@ -146,6 +152,7 @@ def tune(
     verbose: bool = True,
     verify: bool = True,
     verify_tolerance: float = 0.002,
+    latency_runs: int = 10,
     should_stop: Callable[[], bool] | None = None,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
 ) -> TuneResult:
@@ -156,8 +163,11 @@ def tune(
     the FP32 baseline unless `relative=False`. Trials are kept in Optuna `storage` (in memory when
     omitted): the same `storage` and `study_name` resume a study, and several processes may share
     it. `should_stop()` is checked before each trial; `on_trial(info)` is called after each.
+    `verify` evaluates the exported INT8 model once on ONNX Runtime and checks what ONNX Runtime
+    runs (INT8 kernels per layer) and how fast, against FP32, `latency_runs` timed calls per figure
+    (0: no timing): `result.deployment`.
     """
-    _check_args(max_drop, relative, max_trials, timeout)
+    _check_args(max_drop, relative, max_trials, timeout, latency_runs)
     space = SearchSpace.from_dict(space) if not isinstance(space, SearchSpace) else space
     budget = Budget(float(max_drop), relative, higher_is_better)
     log = print if verbose else (lambda *a, **k: None)
@@ -273,9 +283,9 @@ def tune(
         calibration=calib, original=model,
     )
     if verify and best is not None and not stopped:
-        _verify(result, evaluate, budget, report, verify_tolerance, log)
+        _verify(result, evaluate, budget, report, verify_tolerance, log, latency_runs)
     result.seconds["total"] = round(time.perf_counter() - start, 3)
-    log(f"[quanttune] {'MET' if met else 'NOT MET'}: {reason}")
+    log(f"[quanttune] {'MET' if met else 'NOT MET'}: {result.reason}")
     return result
 
 
@@ -333,26 +343,66 @@ def _trials(study: optuna.Study) -> list[dict[str, Any]]:
     return rows
 
 
-def _verify(result: TuneResult, evaluate, budget: Budget, report: LayerReport, tolerance: float, log) -> None:
-    """Evaluate the exported ONNX model on ONNX Runtime once: the score users will deploy."""
+def _verify(result: TuneResult, evaluate, budget: Budget, report: LayerReport, tolerance: float, log,
+            latency_runs: int) -> None:
+    """Evaluate the exported ONNX model on ONNX Runtime once (the score users will deploy), and check
+    what ONNX Runtime runs and how fast against FP32 (`result.deployment`)."""
     import tempfile
 
+    from .deployment import check_deployment
     from .onnx_runtime import load_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         path = result.export_onnx(Path(tmp) / "model.onnx")
         if not path.with_name(path.name + ".data").exists():  # a single file (under 2 GB): keep it for `save`
             result.onnx = path.read_bytes()
-        deployed = float(evaluate(load_onnx(path)))
-    result.evaluations += 1
+        deployed, error = None, None
+        try:  # the search's result must survive whatever ONNX Runtime or the evaluation does here
+            module = load_onnx(path)
+            result.evaluations += 1
+            deployed = float(evaluate(module))
+        except Exception as exc:  # noqa: BLE001
+            error = f"{type(exc).__name__}: {exc}"
+        result.deployment = check_deployment(result.original, result.plan, result.calibration, path,
+                                             latency_runs=latency_runs)
+    if error is not None:
+        result.deployment.errors["score"] = error
+    if deployed is not None:
+        _deployed_score(result, deployed, budget, report, tolerance, log)
+    _judge_deployment(result, log)
+
+
+def _deployed_score(result: TuneResult, deployed: float, budget: Budget, report: LayerReport, tolerance: float,
+                    log) -> None:
     result.deployed_score = deployed
     result.deployed_drop = budget.drop(result.baseline, deployed)
     gap = abs(deployed - result.score) / (abs(result.baseline) or 1.0)
     log(f"[quanttune] deployed (ONNX Runtime) score {deployed:.6g}, drop {budget.format(result.deployed_drop)}")
     if gap > tolerance or not budget.met(result.deployed_drop) and result.met:
         suspects = sorted(result.plan.int8_layers, key=lambda n: report.layers[n].sqnr_of(result.plan.config(n)))[:3]
-        message = (f"the deployed model scores {deployed:.6g} against {result.score:.6g} simulated "
-                   f"(gap {gap:.3%} of the baseline); the layers most likely responsible (lowest SQNR): "
-                   f"{', '.join(suspects)}")
-        result.warnings.append(message)
-        warnings.warn(message, stacklevel=3)
+        _warn(result, f"the deployed model scores {deployed:.6g} against {result.score:.6g} simulated "
+                      f"(gap {gap:.3%} of the baseline); the layers most likely responsible (lowest SQNR): "
+                      f"{', '.join(suspects)}")
+
+
+def _warn(result: TuneResult, message: str) -> None:
+    result.warnings.append(message)
+    warnings.warn(message, stacklevel=5)  # the caller of `tune`
+
+
+def _judge_deployment(result: TuneResult, log) -> None:
+    """Log the deployed check; warn about what could not be measured and about planned INT8 layers
+    that run in float; never call a plan slower than FP32 a plain success (the reason says so;
+    `met` stays about accuracy)."""
+    deployment = result.deployment
+    kernels = deployment.kernels
+    if kernels is not None:
+        share = kernels.int8_macs_running
+        log(f"[quanttune] ONNX Runtime runs {len(kernels.running_int8)} of {len(kernels.planned_int8)} planned "
+            f"INT8 layers in INT8 kernels" + (f" ({share:.1%} of MACs)" if share is not None else ""))
+    if deployment.latency is not None:
+        log("[quanttune] latency on ONNX Runtime, FP32 -> INT8: " + ", ".join(
+            f"{r.label()} {r.fp32_ms:.3g} -> {r.int8_ms:.3g} ms ({r.speedup:.2f}x)" for r in deployment.latency.rows))
+    for message in deployment.warnings():
+        _warn(result, message)
+    result.reason = deployment.qualify(result.reason, result.met)

@@ -88,6 +88,7 @@ def test_failing_baseline_is_a_clear_error_before_any_search(digits_model, digit
     ({"max_drop": -0.1}, "0 <= max_drop < 1"), ({"max_drop": 1.5}, "0 <= max_drop < 1"),
     ({"max_trials": 0}, "max_trials >= 1"), ({"space": {"activation": ["median"]}}, "space `activation`"),
     ({"space": {"layers": []}}, "unknown keys"), ({"space": {"exclude": ["nope"]}}, "exclude"),
+    ({"latency_runs": -1}, "latency_runs >= 0"),
 ])
 def test_bad_arguments_are_rejected_with_the_rule(digits_model, digits_batches, kwargs, match):
     with pytest.raises(InvalidArgumentError, match=match):
