@@ -22,7 +22,7 @@ from .db import epoch, utcnow
 from .errors import Conflict, InvalidInput, NotFound
 from .models import Job, JobFile, Lease
 from .references import resolve
-from .schemas import FINISHED_STATUSES, JobCreate, JobPublic, Progress
+from .schemas import FINISHED_STATUSES, DeploymentPublic, JobCreate, JobPublic, Progress
 from .settings import Settings
 from .tensorfiles import check_dataset, describe_batch, read_tensors, sniff, to_batches
 
@@ -256,6 +256,17 @@ def _utc(value: Any) -> Any:
     return value.replace(tzinfo=timezone.utc) if value is not None else None
 
 
+def _deployment(stored: dict[str, Any] | None) -> DeploymentPublic | None:
+    """The deployed check a worker stored with the job (a summary written by another version of the
+    worker that no longer validates is left out rather than failing every read of the job)."""
+    if not stored:
+        return None
+    try:
+        return DeploymentPublic.model_validate(stored)
+    except ValidationError:
+        return None
+
+
 def job_public(job: Job, workers: int = 0, artifacts: list[str] | None = None) -> JobPublic:
     spec: dict[str, Any] = job.spec or {}
     return JobPublic(
@@ -271,7 +282,8 @@ def job_public(job: Job, workers: int = 0, artifacts: list[str] | None = None) -
         progress=Progress(trials=job.trials, evaluations=job.evaluations, best_score=job.best_score,
                           best_drop=job.best_drop, best_coverage=job.best_coverage, met=job.best_met),
         baseline=job.baseline, score=job.score, drop=job.drop, coverage=job.coverage, met=job.met,
-        deployed_score=job.deployed_score, reason=job.reason, error=job.error, artifacts=artifacts or [],
+        deployed_score=job.deployed_score,
+        deployment=_deployment(job.deployment), reason=job.reason, error=job.error, artifacts=artifacts or [],
     )
 
 

@@ -55,6 +55,7 @@ class Job(Base):
     coverage: Mapped[float | None] = mapped_column(Float)
     met: Mapped[bool | None] = mapped_column(Boolean)
     deployed_score: Mapped[float | None] = mapped_column(Float)
+    deployment: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # tuner Deployment.summary(): kernels, latency
     reason: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
 

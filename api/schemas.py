@@ -96,6 +96,39 @@ class Progress(BaseModel):
     met: bool | None = Field(None, description="Whether the best plan so far meets the budget.")
 
 
+class LatencyPublic(BaseModel):
+    """One setting of the deployed latency check: median ms of one call on ONNX Runtime (CPU)."""
+
+    batch: int = Field(description="Batch size: 1, or the size of the first calibration batch.")
+    threads: int | Literal["all"] = Field(description="Intra-op threads: 1, or 'all' (ONNX Runtime's default).")
+    fp32_ms: float = Field(description="The same model exported all-FP32.")
+    int8_ms: float = Field(description="The exported INT8 plan (model.onnx).")
+    speedup: float = Field(description="fp32_ms / int8_ms: above 1, INT8 is faster.")
+
+
+class FloatLayerPublic(BaseModel):
+    """A layer the plan keeps INT8 that ONNX Runtime runs in float."""
+
+    layer: str
+    kernel: str | None = Field(None, description="What ONNX Runtime runs instead, e.g. 'Conv'.")
+    reason: str | None = None
+
+
+class DeploymentPublic(BaseModel):
+    """The deployed check of the chosen plan: what ONNX Runtime runs (read from its optimized
+    graph) and how fast against FP32. The full per-layer verdicts are in the report
+    (`deployment.kernels.layers`)."""
+
+    int8_layers: int | None = Field(None, description="Layers the plan keeps INT8.")
+    int8_kernels: int | None = Field(None, description="Of those, the layers ONNX Runtime runs in INT8 kernels.")
+    int8_macs_planned: float | None = Field(None, description="Share of MACs the plan keeps INT8 (0..1).")
+    int8_macs_running: float | None = Field(None, description="Share of MACs that run in INT8 kernels (0..1).")
+    float_layers: list[FloatLayerPublic] = Field(default_factory=list)
+    calibration_batch: int | None = None
+    latency: list[LatencyPublic] = Field(default_factory=list)
+    errors: dict[str, str] = Field(default_factory=dict, description="Parts that could not be measured, and why.")
+
+
 class JobPublic(BaseModel):
     id: int
     name: str
@@ -126,6 +159,7 @@ class JobPublic(BaseModel):
     coverage: float | None = Field(None, description="Share of MACs in INT8 of the chosen plan (0..1).")
     met: bool | None = None
     deployed_score: float | None = Field(None, description="Score of the exported INT8 ONNX model on ONNX Runtime.")
+    deployment: DeploymentPublic | None = Field(None, description="INT8 kernels and latency vs FP32 on ONNX Runtime.")
     reason: str | None = Field(None, description="Why the budget was not met / the search stopped, when it applies.")
     error: str | None = Field(None, description="Why the job failed.")
     artifacts: list[str] = Field(default_factory=list, description="Names downloadable at /v1/jobs/{id}/artifacts/{name}.")

@@ -348,6 +348,7 @@ class JobRun:
         values = {
             "baseline": result.baseline, "score": result.score, "drop": result.drop,
             "coverage": result.coverage.get("macs"), "met": result.met, "deployed_score": result.deployed_score,
+            "deployment": result.deployment.summary() if result.deployment is not None else None,
             "reason": result.reason, "best_score": result.score, "best_drop": result.drop,
             "best_coverage": result.coverage.get("macs"), "best_met": result.met,
             "evaluations": Job.evaluations + extra, **self._study_progress(final=True),

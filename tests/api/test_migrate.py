@@ -18,7 +18,10 @@ def test_migrate_creates_both_schemas_and_is_idempotent(db_url: str) -> None:
     engine.dispose()
     assert {"qt_tokens", "qt_jobs", "qt_files", "qt_leases", "qt_alembic_version"} <= tables
     assert {"studies", "trials", "trial_heartbeats", "alembic_version"} <= tables  # Optuna's own
-    assert current_revision(db_url) == "0001"
+    assert current_revision(db_url) == "0002"
+    engine = make_engine(db_url)
+    assert "deployment" in {c["name"] for c in inspect(engine).get_columns("qt_jobs")}  # 0002: the deployed check
+    engine.dispose()
     storage = optuna.storages.RDBStorage(db_url, skip_table_creation=True)
     assert storage.get_current_version() == storage.get_head_version()
     study = optuna.create_study(storage=storage, study_name="job-1")

@@ -103,6 +103,19 @@ def test_uploaded_data_and_top1_job_succeeds_with_artifacts(service: TestClient)
     assert (report["score"], report["baseline"]) == (job["score"], job["baseline"])
     assert job["progress"]["evaluations"] == report["evaluations"]
     assert set(service.get(f"/v1/jobs/{job_id}/ledger").json()["ledger"]) == {"conv1", "conv2", "fc1", "fc2"}
+    # the deployed check: ONNX Runtime's kernels per layer and latency vs FP32, in the job and the report
+    deployment, checked = job["deployment"], report["deployment"]
+    assert deployment["errors"] == {} == checked["errors"]
+    assert deployment["int8_layers"] == len(report["int8_layers"]) == checked["kernels"]["planned_int8"]
+    assert deployment["int8_kernels"] == checked["kernels"]["running_int8"] <= deployment["int8_layers"]
+    assert set(checked["kernels"]["layers"]) == {"conv1", "conv2", "fc1", "fc2"}
+    floats = [n for n, k in checked["kernels"]["layers"].items() if k["planned"] == "int8" and not k["int8"]]
+    assert [f["layer"] for f in deployment["float_layers"]] == floats
+    assert all(f["reason"].startswith("runs as a float") for f in deployment["float_layers"])
+    assert deployment["int8_macs_planned"] == pytest.approx(job["coverage"])
+    assert [(r["batch"], r["threads"]) for r in deployment["latency"]] == [(1, 1), (100, 1), (1, "all"), (100, "all")]
+    assert all(r["fp32_ms"] > 0 and r["int8_ms"] > 0 for r in deployment["latency"])
+    assert deployment["latency"] == checked["latency"]["rows"]
     download = service.get(f"/v1/jobs/{job_id}/artifacts/model.onnx")
     assert download.headers["content-disposition"] == 'attachment; filename="model.onnx"'
     import onnx
