@@ -16,6 +16,7 @@ from torch import nn
 
 from .batches import as_batches, batch_size, call_model
 from .errors import CalibrationError, InvalidPlanError
+from .graph import ModelGraph, fold_batchnorm, read_graph
 from .histogram import TensorStats
 from .plan import LayerConfig, Plan
 from .quant import INT8, UINT8, QParams, compute_qparams, fake_quantize, weight_qparams
@@ -63,19 +64,87 @@ class LayerInfo:
 
 
 class Calibration:
-    """Per-layer statistics from one pass, and the quantization parameters derived from them."""
+    """Per-layer statistics from one pass, and the quantization parameters derived from them.
 
-    def __init__(self, model: nn.Module, layers: dict[str, LayerInfo], batches: list[Any], seconds: float):
+    `model` is the model as simulated and exported: the caller's model with its BatchNorms
+    folded (`graph.folds`), or the caller's model itself when nothing was folded. `graph` is its
+    dataflow (None when torch.export could not capture it) and `tensors` the statistics of every
+    tensor the runtime may need quantized beyond layer inputs (by site: the module returning it).
+    """
+
+    def __init__(self, model: nn.Module, layers: dict[str, LayerInfo], batches: list[Any], seconds: float,
+                 *, source: nn.Module | None = None, graph: ModelGraph | None = None,
+                 tensors: dict[str, TensorStats] | None = None):
+        source = model if source is None else source
+        self.model = model
+        self.source = source
+        self.graph = graph
+        self.tensors = tensors or {}
         self.layers = layers
         self.batches = batches
         self.seconds = seconds
         self.samples = sum(batch_size(b) for b in batches)
-        self.model_params = sum(p.numel() for p in model.parameters())
-        self.model_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
-            b.numel() * b.element_size() for b in model.buffers()
+        self.model_params = sum(p.numel() for p in source.parameters())
+        self.model_bytes = sum(p.numel() * p.element_size() for p in source.parameters()) + sum(
+            b.numel() * b.element_size() for b in source.buffers()
         )
         self._weights: dict[tuple[str, str, float], tuple[QParams, torch.Tensor]] = {}
         self._modules = quantizable_layers(model)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """`model` as calibrated: BatchNorms folded like the calibrated model's (the calibrated
+        copy itself when `model` is the one calibrated)."""
+        if self.graph is None or not self.graph.folds:
+            return model
+        return self.model if model is self.source else fold_batchnorm(model, self.graph.folds)
+
+    # -- tensors beyond layer inputs -----------------------------------------------------------
+
+    def output_sites(self, plan: Plan) -> dict[str, str]:
+        """The tensors `plan` needs quantized beyond its layers' inputs, so that the runtime runs
+        its INT8 convolutions (and residual Adds / Concats) as INT8 kernels: site -> why."""
+        graph, int8 = self.graph, set(plan.int8_layers)
+        if graph is None:
+            return {}
+        plain = {n for n in int8 if not plan.config(n).smooth}  # a smoothed input starts with a float Div
+        active: dict[str, str] = {}
+        quantized: set[str] = set()
+        for name, out in graph.conv_outputs.items():
+            if name not in int8 or out.site is None or out.site not in self.tensors:
+                continue
+            quantized.add(name)
+            readers = [*out.others, *(c for c in out.consumers if c not in plain)]
+            if readers:
+                active.setdefault(out.site, f"output of INT8 conv {name} (read by {', '.join(dict.fromkeys(readers))})")
+        for join in graph.joins:  # in graph order: a join fed by a quantized join is quantized too
+            sites = [*join.inputs, join.output]
+            if any(p in quantized for p in join.producers) and all(s in self.tensors for s in sites):
+                quantized.add(join.node)
+                for site in sites:
+                    active.setdefault(site, f"{'input' if site != join.output else 'output'} of {join.op} {join.node}")
+        return active
+
+    def tensor_qparams(self, site: str, plan: Plan) -> QParams:
+        """A site's quantization: the scale of the INT8 layer reading it directly when there is one
+        (one tensor, one scale), else its own range ('max', affine UINT8: what QLinearAdd takes)."""
+        for layer in self.graph.direct_inputs.get(site, []) if self.graph else []:
+            config = plan.config(layer)
+            if config.int8 and not config.smooth and not config.symmetric and not self.layers[layer].weight_only:
+                return self.activation_qparams(layer, config.activation, False)
+        lo, hi = self.tensors[site].range("max", False)
+        return compute_qparams(lo, hi, symmetric=False, qtype=UINT8)
+
+    def runs_float(self, plan: Plan) -> dict[str, str]:
+        """INT8 convolutions of `plan` that the runtime would still run in float, and why."""
+        if self.graph is None:
+            return {}
+        plain = {n for n in plan.int8_layers if not plan.config(n).smooth}
+        slow = {}
+        for name, out in self.graph.conv_outputs.items():
+            needs = out.others or any(c not in plain for c in out.consumers)
+            if name in plan.int8_layers and needs and (out.site is None or out.site not in self.tensors):
+                slow[name] = out.reason or "its output cannot be quantized where a module returns it"
+        return slow
 
     # -- quantization parameters -------------------------------------------------------------
 
@@ -148,8 +217,10 @@ class Calibration:
         int8_params = sum(info.params for info in unique)
         # int8 weights take one byte; each keeps a float scale per output channel / embedding row (upper bound)
         scales = sum(4 * info.weight_shape[0] for info in unique)
+        slow = self.runs_float(plan)
         return {
-            "macs": sum(info.macs for info in int8) / total_macs,
+            "macs": sum(info.macs for info in int8 if info.name not in slow) / total_macs,
+            "planned_macs": sum(info.macs for info in int8) / total_macs,
             "params": int8_params / max(self.model_params, 1),
             "int8_bytes": self.model_bytes - 3 * int8_params + scales,
             "fp32_bytes": self.model_bytes,
@@ -164,11 +235,18 @@ def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
 def calibrate(model: nn.Module, calibration: Any, *, max_bins: int = 4096) -> Calibration:
     """Run `model` once over `calibration` (an iterable of batches) and gather per-layer stats."""
     batches = as_batches(calibration)
-    modules = quantizable_layers(model)
-    if not modules:
+    if not quantizable_layers(model):
         raise CalibrationError(
             f"{type(model).__name__} has no quantizable layer (nn.Linear, nn.Conv1d/2d/3d, nn.Embedding) below its root."
         )
+    source, was_training = model, model.training
+    model.eval()
+    try:
+        graph = read_graph(model, batches[0], set(quantizable_layers(model)))
+    finally:
+        model.train(was_training)
+    model = fold_batchnorm(model, graph.folds) if graph is not None and graph.folds else model
+    modules = quantizable_layers(model)
     layers = {
         name: LayerInfo(name, type(m).__name__, tuple(m.weight.shape), m.weight.numel(),
                         weight_only=is_weight_only(m), input=TensorStats(max_bins))
@@ -187,7 +265,19 @@ def calibrate(model: nn.Module, calibration: Any, *, max_bins: int = 4096) -> Ca
         per_output = module.weight[0].numel() if isinstance(module, nn.modules.conv._ConvNd) else module.in_features
         info.macs += output.numel() * per_output
 
+    tensors = {site: TensorStats(max_bins) for site in (graph.sites if graph is not None else [])}
+
+    def record_tensor(site: str, output: Any) -> None:
+        if site not in tensors:
+            return
+        if isinstance(output, torch.Tensor) and output.is_floating_point():
+            tensors[site].update(output)
+        else:  # not a float tensor: this site cannot be quantized
+            tensors.pop(site, None)
+
     hooks = [m.register_forward_hook(lambda mod, a, out, n=name: record(n, mod, a, out)) for name, m in modules.items()]
+    hooks += [model.get_submodule(site).register_forward_hook(lambda mod, a, out, s=site: record_tensor(s, out))
+              for site in tensors]
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -204,4 +294,6 @@ def calibrate(model: nn.Module, calibration: Any, *, max_bins: int = 4096) -> Ca
     unused = [n for n, info in layers.items() if info.calls == 0]
     for name in unused:  # a layer the forward never reaches cannot be calibrated: leave it out
         del layers[name]
-    return Calibration(model, layers, batches, time.perf_counter() - start)
+    tensors = {site: stats for site, stats in tensors.items() if stats.count}
+    return Calibration(model, layers, batches, time.perf_counter() - start, source=source, graph=graph,
+                       tensors=tensors)

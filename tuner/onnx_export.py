@@ -49,9 +49,10 @@ from torch.nn import functional as F
 from .batches import batch_size, call_model
 from .calibrate import Calibration
 from .errors import InvalidArgumentError, InvalidPlanError, QuanttuneError
-from .onnx_io import InputSpec, flatten_output
+from .onnx_io import FlatModel, InputSpec, flatten_output
 from .plan import Plan
 from .qmodules import QuantizedLayer, apply_plan
+from .qdq_ops import qdq_ops, translations
 from .quant import quantize
 
 METADATA_KEY = "quanttune"
@@ -61,74 +62,6 @@ _TWO_GB = 2**31
 
 class ExportError(QuanttuneError):
     """The model could not be exported to ONNX (the message says which step failed and why)."""
-
-
-# -- the two ops that carry quantization through torch.export --------------------------------
-
-_OPS: dict[str, Any] = {}
-
-
-def _ops() -> dict[str, Any]:
-    """Register (once) `quanttune::quantize_dequantize` and `quanttune::dequantize_weight`."""
-    if _OPS:
-        return _OPS
-    namespace = torch.ops.quanttune
-    if hasattr(namespace, "quantize_dequantize"):  # registered by an earlier import of this module
-        _OPS.update(qdq=namespace.quantize_dequantize.default, dq=namespace.dequantize_weight.default)
-        return _OPS
-
-    @torch.library.custom_op("quanttune::quantize_dequantize", mutates_args=())
-    def quantize_dequantize(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
-        s = torch.tensor(scale, dtype=torch.float32)
-        z = torch.tensor(zero_point, dtype=torch.int32)
-        return torch.fake_quantize_per_tensor_affine(x.float(), s, z, qmin, qmax).to(x.dtype)
-
-    @quantize_dequantize.register_fake
-    def _(x, scale, zero_point, qmin, qmax):
-        return torch.empty_like(x)
-
-    @torch.library.custom_op("quanttune::dequantize_weight", mutates_args=())
-    def dequantize_weight(
-        codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int
-    ) -> torch.Tensor:
-        if scale.dim():
-            shape = [1] * codes.dim()
-            shape[axis] = -1
-            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
-        return (codes.float() - zero_point.float()) * scale
-
-    @dequantize_weight.register_fake
-    def _(codes, scale, zero_point, axis):
-        return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
-
-    _OPS.update(qdq=quantize_dequantize, dq=dequantize_weight)
-    return _OPS
-
-
-def _translations() -> dict[Any, Any]:
-    """ONNX translations of the two custom ops (onnxscript functions, traced at export)."""
-    from onnxscript import ir
-    from onnxscript import opset18 as op
-
-    _ops()
-
-    def quantize_dequantize(x, scale: float, zero_point: int, qmin: int, qmax: int):
-        dtype = ir.DataType.INT8 if qmin < 0 else ir.DataType.UINT8
-        s = op.Constant(value=ir.tensor(scale, dtype=ir.DataType.FLOAT))
-        z = op.Constant(value=ir.tensor(zero_point, dtype=dtype))
-        q = op.QuantizeLinear(x, s, z)
-        full = (-128, 127) if qmin < 0 else (0, 255)
-        if (qmin, qmax) != full:  # symmetric INT8 uses [-127, 127]; QuantizeLinear saturates at -128
-            low, high = ir.tensor(qmin, dtype=dtype), ir.tensor(qmax, dtype=dtype)
-            q = op.Clip(q, op.Constant(value=low), op.Constant(value=high))
-        return op.DequantizeLinear(q, s, z)
-
-    def dequantize_weight(codes, scale, zero_point, axis: int):
-        # the zero point is explicit: ONNX Runtime's Gemm QDQ fusion requires it
-        return op.DequantizeLinear(codes, scale, zero_point, axis=axis)
-
-    ops = torch.ops.quanttune
-    return {ops.quantize_dequantize.default: quantize_dequantize, ops.dequantize_weight.default: dequantize_weight}
 
 
 # -- the export form of a quantized layer ----------------------------------------------------
@@ -169,7 +102,7 @@ class _ExportLayer(nn.Module):
         self.channel_axis = q.channel_axis
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = _ops()
+        ops = qdq_ops()
         if self.input_divisor is not None:  # SmoothQuant: exactly the simulation's x / s
             shape = [1] * x.dim()
             shape[self.channel_axis] = -1
@@ -205,18 +138,6 @@ class _ExportEmbedding(nn.Module):
         return codes * self.weight_scale
 
 
-class _Flat(nn.Module):
-    """The model with flat tensor inputs and a flat tuple of tensor outputs, for the exporter."""
-
-    def __init__(self, model: nn.Module, spec: InputSpec):
-        super().__init__()
-        self.model = model
-        self.spec = spec
-
-    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(flatten_output(call_model(self.model, self.spec.rebuild(tensors)))[0])
-
-
 def _input_ranks(simulated: nn.Module, batch: Any) -> tuple[Any, dict[str, int | None]]:
     """Run the simulated model on `batch`: its output, and the input rank of every quantized layer
     (None where a layer is called with several ranks)."""
@@ -247,6 +168,7 @@ def _export_form(simulated: nn.Module, ranks: dict[str, int | None]) -> nn.Modul
         if isinstance(module, QuantizedLayer):
             parent, _, child = name.rpartition(".")
             export_layer = _ExportEmbedding(module) if module.weight_only else _ExportLayer(module, name, ranks.get(name))
+            export_layer._forward_hooks.update(module._forward_hooks)  # an output quantizer stays
             setattr(exported.get_submodule(parent) if parent else exported, child, export_layer)
     return exported.eval()
 
@@ -322,7 +244,7 @@ def export_onnx(
     if not outputs:
         raise ExportError(f"{type(model).__name__} returned no tensor on the example batch: nothing to export.")
 
-    flat = _Flat(exported, spec).eval()
+    flat = FlatModel(exported, spec).eval()
     int8 = plan.int8_layers
     try:
         with _quiet(), torch.no_grad():
@@ -333,7 +255,7 @@ def export_onnx(
                 input_names=list(spec.tensors),
                 output_names=[f"output_{i}" for i in range(len(outputs))],
                 dynamic_shapes=_dynamic_shapes(tensors),
-                custom_translation_table=_translations() if int8 else None,
+                custom_translation_table=translations(),
                 optimize=True,
                 verbose=False,
             )

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .batches import call_model
 from .errors import InvalidArgumentError
 
 _CONSTANTS = (type(None), bool, int, float, str)
@@ -200,3 +201,15 @@ def _find_class(name: str | None) -> type | None:
     for part in qualname.split("."):
         obj = getattr(obj, part, None)
     return obj if isinstance(obj, type) else None
+
+
+class FlatModel(torch.nn.Module):
+    """The model with flat tensor inputs and a flat tuple of tensor outputs, for the exporter."""
+
+    def __init__(self, model: torch.nn.Module, spec: InputSpec):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(flatten_output(call_model(self.model, self.spec.rebuild(tensors)))[0])

@@ -16,6 +16,7 @@ from torch import nn
 
 from .calibrate import Calibration
 from .plan import LayerConfig, Plan
+from .qdq_ops import qdq_ops
 from .quant import QParams
 
 
@@ -69,6 +70,30 @@ class QuantizedLayer(nn.Module):
         return self.config.short(self.weight_only)
 
 
+class OutputQuantizer:
+    """A forward hook that quantize-dequantizes its module's output: a tensor the INT8 runtime
+    needs quantized (a conv output feeding a residual Add, an Add's output ...). A hook, not a
+    wrapper, so that module names (and so weight names in the export) stay the model's own. The
+    same op runs in the simulation and in the export, so both compute the same numbers."""
+
+    def __init__(self, qparams: QParams, why: str = ""):
+        self.qparams = qparams
+        self.scale, self.zero_point = float(qparams.scale), int(qparams.zero_point)
+        self.why = why
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return qdq_ops()["qdq"](output, self.scale, self.zero_point, self.qparams.qmin, self.qparams.qmax)
+
+    def __repr__(self) -> str:
+        return f"OutputQuantizer(scale={self.scale:.4g}, zero_point={self.zero_point}, why={self.why!r})"
+
+
+def quantize_output(module: nn.Module, qparams: QParams, why: str = "") -> None:
+    """Quantize `module`'s output from now on (`module.output_quantizer` tells how and why)."""
+    module.output_quantizer = OutputQuantizer(qparams, why)
+    module.register_forward_hook(module.output_quantizer)
+
+
 def quantized_layer(module: nn.Module, name: str, config: LayerConfig, calibration: Calibration) -> QuantizedLayer:
     """`module` (the layer called `name`) simulated under the INT8 `config`."""
     wqp, fake_weight = calibration.weight(name, config.weights, config.smooth)
@@ -87,12 +112,17 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 def apply_plan(model: nn.Module, plan: Plan, calibration: Calibration, *, share_weights: bool = False) -> nn.Module:
     """A new model running `plan`: INT8 layers simulated, every other layer untouched FP32.
 
-    The caller's `model` is never modified. With `share_weights=True` the new model shares the
+    BatchNorms are folded into their convolutions as in calibration, and the tensors the INT8
+    runtime needs quantized beyond layer inputs (`Calibration.output_sites`) are quantized where
+    a module returns them. The caller's `model` is never modified. With `share_weights=True` the new model shares the
     caller's FP32 parameter tensors instead of copying them (fast; for throw-away trial models).
     """
     calibration.check_plan(plan)
-    memo = {id(p): p for p in model.parameters()} if share_weights else {}
-    new = copy.deepcopy(model, memo)
+    base = calibration.prepare(model)  # BatchNorms folded, as calibrated
+    memo = {id(p): p for p in base.parameters()} if share_weights else {}
+    new = copy.deepcopy(base, memo)
     for name in plan.int8_layers:
         _set_submodule(new, name, quantized_layer(new.get_submodule(name), name, plan.layers[name], calibration))
+    for site, why in calibration.output_sites(plan).items():
+        quantize_output(new.get_submodule(site), calibration.tensor_qparams(site, plan), why)
     return new.eval()

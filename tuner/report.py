@@ -57,6 +57,17 @@ def weight_only_settings(settings: Iterable[LayerConfig]) -> list[LayerConfig]:
     return [LayerConfig("int8", weights=w) for w in dict.fromkeys(c.weights for c in settings)]
 
 
+def _settings_of(module: nn.Module, weight_only: bool, settings: list[LayerConfig]) -> list[LayerConfig]:
+    """The settings that apply to `module`: weight settings only for an embedding; no SmoothQuant
+    for a grouped or depthwise convolution (its weight columns do not line up with its input
+    channels, so there is no per-channel factor to move into them)."""
+    if weight_only:
+        return weight_only_settings(settings)
+    if getattr(module, "groups", 1) != 1:
+        return [c for c in settings if not c.smooth]
+    return settings
+
+
 @dataclass
 class LayerErrors:
     """One layer's measured output SQNR (dB) under each setting; higher is better."""
@@ -166,10 +177,9 @@ def layer_report(
     convolution): SQNR is a ratio of sums, and a subsample estimates it well at a fraction of the
     cost of running every setting on every row."""
     settings = list(settings) if settings is not None else all_settings()
+    model = calibration.prepare(model)  # BatchNorms folded, as calibrated
     modules = {n: m for n, m in quantizable_layers(model).items() if n in calibration.layers}
-    layer_settings = {
-        name: weight_only_settings(settings) if calibration.layers[name].weight_only else settings for name in modules
-    }
+    layer_settings = {name: _settings_of(m, calibration.layers[name].weight_only, settings) for name, m in modules.items()}
     variants: dict[str, list[tuple[str, QuantizedLayer]]] = {}
     for name, module in modules.items():
         weight_only = calibration.layers[name].weight_only

@@ -158,14 +158,14 @@ def deployed_codes(path, tmp_path, layer: str, feed: dict[str, np.ndarray]) -> n
 
 def assert_within_one_step(path, tmp_path, simulated, x: torch.Tensor, chain: list[str]) -> None:
     """Each INT8 layer of `chain` (in order) gets, on ONNX Runtime, input codes within one step of
-    the simulation's, when ONNX Runtime starts from the simulated input of the layer before it:
-    each layer's own rounding is checked, not the sum of its predecessors' (which compounds)."""
+    the simulation's, when ONNX Runtime starts from the simulated input of the layer before it
+    (the first layer: from its own): each layer's own rounding is checked, not the sum of its
+    predecessors' (which compounds)."""
     seen = simulated_inputs(simulated, x)
     layers = read_metadata(path)["layers"]
     for before, layer in zip([None, *chain], chain):
-        feed = {"x": x.numpy()}
-        if before is not None:
-            feed[layers[before]["input"]] = seen[before][0].numpy()
+        start = layer if before is None else before  # the first starts from its own simulated input
+        feed = {"x": x.numpy(), layers[start]["input"]: seen[start][0].numpy()}
         got = deployed_codes(path, tmp_path, layer, feed).astype(np.int64)
         diff = np.abs(got - seen[layer][1].numpy().reshape(got.shape))
         assert diff.max() <= 1, f"{layer}: deployed input codes differ by {diff.max()} steps"

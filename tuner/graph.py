@@ -1,0 +1,310 @@
+"""The model's dataflow, read once from a torch.export graph: what the INT8 runtime needs beyond
+per-layer settings.
+
+ONNX Runtime runs a QDQ convolution as an INT8 kernel (QLinearConv) only when its output goes
+straight into a QuantizeLinear (a ReLU or ReLU6 in between is folded away); a Gemm/MatMul may
+keep a float output. So for every convolution this module finds:
+- a BatchNorm that only it feeds: folded into the convolution before calibration
+  (`fold_batchnorm`), so that simulation, report and export all describe the folded conv;
+- its output tensor (after a fusable ReLU/ReLU6) and whether that tensor reaches anything other
+  than the inputs of quantizable layers (a residual Add, a Concat, a pooling, BatchNorm, SiLU, the
+  graph output ...): if so it must be quantized too;
+- residual Adds and Concats (joins), whose inputs and output are quantized so the runtime can
+  run QLinearAdd / QLinearConcat.
+
+A tensor is quantized where a module returns it (a "site": the module's qualified name), so the
+eager simulation and the export both quantize it by wrapping that module (`QuantizedOutput`).
+A tensor that no module returns by itself cannot be placed; the reason is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .batches import call_model
+from .onnx_io import FlatModel, InputSpec
+
+
+LAYER_OPS = {"conv1d", "conv2d", "conv3d", "linear"}
+CONV_OPS = {"conv1d", "conv2d", "conv3d"}
+BATCHNORM_OPS = {"batch_norm", "_native_batch_norm_legit_no_training"}
+# ONNX Runtime folds these into the preceding conv when a QuantizeLinear follows (Relu/Clip fusion)
+FUSABLE_OPS = {"relu", "relu_", "hardtanh", "hardtanh_", "relu6"}
+# these only move or select data: a quantized tensor stays quantized through them
+MOVE_OPS = {
+    "max_pool1d", "max_pool2d", "max_pool3d", "flatten", "view", "reshape", "_unsafe_view", "permute",
+    "transpose", "squeeze", "unsqueeze", "contiguous", "clone", "alias", "detach", "dropout", "dropout_",
+    "feature_dropout", "channel_shuffle", "pixel_shuffle", "expand", "slice", "select", "chunk", "split",
+    "getitem", "identity",
+}
+JOIN_OPS = {"add", "add_", "cat", "concat"}
+
+
+def op_name(node: torch.fx.Node) -> str:
+    """`relu_` for `aten.relu_.default`, `getitem` for operator.getitem."""
+    if node.op != "call_function":
+        return node.op
+    target = node.target
+    name = getattr(target, "__name__", str(target))
+    return name.split(".")[0]
+
+
+@dataclass
+class ConvOutput:
+    """Where an INT8 convolution's output is quantized, and why it must be."""
+
+    layer: str
+    site: str | None  # module whose output is the conv's (activated) output; None: not placeable
+    consumers: list[str] = field(default_factory=list)  # quantizable layers reading it
+    others: list[str] = field(default_factory=list)  # anything else reading it (op names)
+    activation_fused: bool = False  # the site is after a ReLU/ReLU6 that the runtime folds away
+    reason: str | None = None  # why it cannot be placed
+
+
+@dataclass
+class Join:
+    """A residual Add or a Concat: QDQ on its inputs and its output lets the runtime run it in INT8."""
+
+    node: str
+    op: str
+    inputs: list[str]  # sites of the input tensors
+    output: str  # site of the output tensor (after a fusable ReLU)
+    producers: list[str]  # per input: the conv layer or join node that produces it ('' for neither)
+
+
+@dataclass
+class ModelGraph:
+    """What `read_graph` learned: BatchNorm folds, conv outputs, joins and every site."""
+
+    folds: dict[str, str] = field(default_factory=dict)  # layer -> BatchNorm module folded into it
+    conv_outputs: dict[str, ConvOutput] = field(default_factory=dict)
+    joins: list[Join] = field(default_factory=list)
+    direct_inputs: dict[str, list[str]] = field(default_factory=dict)  # site -> layers reading it directly
+
+    @property
+    def sites(self) -> list[str]:
+        found = [c.site for c in self.conv_outputs.values() if c.site]
+        for join in self.joins:
+            found += [*join.inputs, join.output]
+        return list(dict.fromkeys(found))
+
+
+class _Scopes:
+    """Module-call scopes of an exported graph: which module call returns which tensor."""
+
+    def __init__(self, graph: torch.fx.Graph):
+        self.members: dict[str, set[torch.fx.Node]] = defaultdict(set)
+        self.path: dict[str, str] = {}
+        for node in graph.nodes:
+            for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
+                self.members[key].add(node)
+                self.path[key] = path.removeprefix(_PREFIX) if path != "model" else ""
+        calls: dict[str, int] = defaultdict(int)
+        for path in self.path.values():
+            calls[path] += 1
+        self.calls = calls
+
+    def site_of(self, node: torch.fx.Node) -> str | None:
+        """The innermost module, called once, whose call returns exactly `node`'s tensor."""
+        stack = list((node.meta.get("nn_module_stack") or {}).keys())
+        for key in reversed(stack):
+            path = self.path[key]
+            if not path or self.calls[path] != 1:  # the model itself, or a module called twice
+                continue
+            members = self.members[key]
+            escaping = {n for n in members if any(u not in members for u in n.users)}
+            if escaping == {node}:
+                return path
+        return None
+
+
+_PREFIX = "model."  # FlatModel's attribute holding the model
+
+
+def _param_names(program: torch.export.ExportedProgram) -> dict[str, str]:
+    sig = program.graph_signature
+    return {k: v.removeprefix(_PREFIX) for k, v in {**sig.inputs_to_parameters, **sig.inputs_to_buffers}.items()}
+
+
+def _layer_of(node: torch.fx.Node, params: dict[str, str], layers: set[str]) -> str | None:
+    if op_name(node) not in LAYER_OPS or len(node.args) < 2 or not isinstance(node.args[1], torch.fx.Node):
+        return None
+    weight = params.get(node.args[1].name, "")
+    name = weight[: -len(".weight")] if weight.endswith(".weight") else None
+    return name if name in layers else None
+
+
+def _batchnorm_of(node: torch.fx.Node, params: dict[str, str]) -> str | None:
+    """The BatchNorm module of a batch_norm node (from its running mean's name)."""
+    for arg in node.args[1:5]:
+        if isinstance(arg, torch.fx.Node) and params.get(arg.name, "").endswith(".running_mean"):
+            return params[arg.name][: -len(".running_mean")]
+    return None
+
+
+def read_graph(model: nn.Module, example: Any, layers: set[str]) -> ModelGraph | None:
+    """Export `model` once (on one example batch) and read its dataflow; None when torch.export
+    cannot capture it (then nothing is folded and only layer inputs are quantized)."""
+    try:
+        spec = InputSpec.from_batch(model, example)
+        flat = FlatModel(model, spec)  # flat tensors in and out: any output structure exports
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(flat, tuple(spec.tensors_of(example)), strict=False)
+    except Exception as exc:  # data-dependent control flow and the like
+        try:
+            with torch.no_grad():
+                call_model(model, example)
+        except Exception:  # the batch does not run at all: calibration says so, more clearly
+            return None
+        warnings.warn(f"quanttune could not read {type(model).__name__}'s graph with torch.export "
+                      f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): BatchNorm is "
+                      "not folded and only layer inputs are quantized", stacklevel=3)
+        return None
+    return _analyse(program, layers)
+
+
+def _analyse(program: torch.export.ExportedProgram, layers: set[str]) -> ModelGraph:
+    graph = program.graph
+    params = _param_names(program)
+    scopes = _Scopes(graph)
+    layer_nodes: dict[str, list[torch.fx.Node]] = defaultdict(list)
+    for node in graph.nodes:
+        name = _layer_of(node, params, layers)
+        if name is not None:
+            layer_nodes[name].append(node)
+    result = ModelGraph()
+    out_node: dict[torch.fx.Node, str] = {}  # the (folded) output node of each conv, by conv layer
+    for name, nodes in layer_nodes.items():
+        node = nodes[0]
+        users = list(node.users)
+        if len(nodes) == 1 and len(users) == 1 and op_name(users[0]) in BATCHNORM_OPS:
+            bn = _batchnorm_of(users[0], params)
+            if bn is not None and sum(1 for p in params.values() if p == f"{bn}.running_mean") == 1:
+                result.folds[name] = bn
+                node = users[0]
+        if op_name(nodes[0]) in CONV_OPS and len(nodes) == 1:
+            out_node[node] = name
+    for node, name in out_node.items():
+        result.conv_outputs[name] = _conv_output(name, node, scopes, params, layers)
+    result.joins = _joins(graph, scopes, out_node)
+    for site in result.sites:
+        result.direct_inputs[site] = []
+    _direct_inputs(graph, scopes, params, layers, result)
+    return result
+
+
+def _activated(node: torch.fx.Node) -> torch.fx.Node:
+    """`node`, or the fusable ReLU/ReLU6 that is its only user."""
+    users = list(node.users)
+    if len(users) == 1 and op_name(users[0]) in FUSABLE_OPS and _clips_at_zero(users[0]):
+        return users[0]
+    return node
+
+
+def _clips_at_zero(node: torch.fx.Node) -> bool:
+    if op_name(node).startswith("hardtanh"):
+        low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+        return low == 0
+    return True
+
+
+def _readers(node: torch.fx.Node, params: dict[str, str], layers: set[str]) -> tuple[list[str], list[str]]:
+    """Quantizable layers that read `node`'s tensor (through data movement) and everything else."""
+    consumers, others = [], []
+    todo, seen = list(node.users), set()
+    while todo:
+        user = todo.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        layer = _layer_of(user, params, layers)
+        if layer is not None:
+            consumers.append(layer)
+        elif op_name(user) in MOVE_OPS:
+            todo.extend(user.users)
+        else:
+            others.append("graph output" if user.op == "output" else op_name(user))
+    return consumers, others
+
+
+def _conv_output(name: str, node: torch.fx.Node, scopes: _Scopes, params: dict[str, str],
+                 layers: set[str]) -> ConvOutput:
+    activated = _activated(node)
+    consumers, others = _readers(activated, params, layers)
+    site = scopes.site_of(activated)
+    fused = site is not None and activated is not node
+    if site is None and activated is not node:  # quantize before the activation: still an INT8 conv
+        site = scopes.site_of(node)
+    reason = None if site else "no module returns this convolution's output by itself"
+    return ConvOutput(name, site, consumers, others, fused, reason)
+
+
+def _joins(graph: torch.fx.Graph, scopes: _Scopes, out_node: dict[torch.fx.Node, str]) -> list[Join]:
+    producer: dict[torch.fx.Node, str] = {}
+    for node, name in out_node.items():
+        producer[node] = name
+        producer[_activated(node)] = name
+    joins = []
+    for node in graph.nodes:
+        op = op_name(node)
+        if op not in JOIN_OPS:
+            continue
+        inputs = list(node.args[0]) if op in ("cat", "concat") else list(node.args[:2])
+        if len(inputs) < 2 or not all(isinstance(i, torch.fx.Node) for i in inputs):
+            continue  # adding a constant: nothing to run in INT8
+        output = _activated(node)
+        sites = [scopes.site_of(i) for i in inputs]
+        out_site = scopes.site_of(output)
+        if None in sites or out_site is None:
+            continue
+        for t in (node, output):
+            producer[t] = node.name
+        joins.append(Join(node.name, op, sites, out_site, [producer.get(i, "") for i in inputs]))
+    return joins
+
+
+def _direct_inputs(graph: torch.fx.Graph, scopes: _Scopes, params: dict[str, str], layers: set[str],
+                   result: ModelGraph) -> None:
+    """For each site: the layers whose data input is exactly that tensor (they can share its scale)."""
+    wanted = set(result.direct_inputs)
+    for node in graph.nodes:
+        layer = _layer_of(node, params, layers)
+        source = node.args[0] if layer is not None else None
+        if isinstance(source, torch.fx.Node):
+            site = scopes.site_of(source)
+            if site in wanted:
+                result.direct_inputs[site].append(layer)
+
+
+# -- BatchNorm folding -----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module, folds: dict[str, str]) -> nn.Module:
+    """A copy of `model` with each BatchNorm in `folds` folded into its conv/linear (eval-mode
+    statistics) and replaced by `nn.Identity`; the caller's model is not modified."""
+    folded = copy.deepcopy(model)
+    for layer_name, bn_name in folds.items():
+        layer, bn = folded.get_submodule(layer_name), folded.get_submodule(bn_name)
+        if bn.running_mean is None:  # batch statistics at inference: nothing fixed to fold
+            continue
+        std = torch.sqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
+        factor = gamma / std
+        weight = layer.weight * factor.reshape(-1, *([1] * (layer.weight.dim() - 1)))
+        bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+        layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        layer.bias = nn.Parameter(((bias - bn.running_mean) * factor + beta).detach().clone(), requires_grad=False)
+        parent, _, child = bn_name.rpartition(".")
+        setattr(folded.get_submodule(parent) if parent else folded, child, nn.Identity())
+    return folded.eval()
+
