@@ -191,14 +191,19 @@ def jobs(
 def status(job_id: JobId, as_json: JsonOption = False, url: UrlOption = None, token: TokenOption = None,
            request_timeout: RequestTimeout = 30.0) -> None:
     """A job's status, progress and outcome."""
-    from .client_render import job_table
+    from .client_render import deployment_notes, deployment_table, job_table
 
     with _client(url, token, request_timeout) as client:
         info = client.job(job_id).info
     if as_json:
         _print_json(_dump(info))
-    else:
-        _console().print(job_table(info))
+        return
+    console = _console()
+    console.print(job_table(info))
+    if info.deployment is not None:
+        console.print(deployment_table(info.deployment))
+        if notes := deployment_notes(info.deployment):
+            console.print(notes)
 
 
 @app.command(rich_help_panel="Client")
@@ -229,7 +234,7 @@ def trials(
 def report(job_id: JobId, as_json: JsonOption = False, url: UrlOption = None, token: TokenOption = None,
            request_timeout: RequestTimeout = 30.0) -> None:
     """A succeeded job's report: figures and each layer's decision with its reason."""
-    from .client_render import ledger_table, report_summary
+    from .client_render import deployment_notes, deployment_table, ledger_table, report_summary
 
     with _client(url, token, request_timeout) as client:
         content = client.job(job_id).report()
@@ -239,6 +244,10 @@ def report(job_id: JobId, as_json: JsonOption = False, url: UrlOption = None, to
     console = _console()
     console.print(ledger_table(content))
     console.print(report_summary(content))
+    if content.get("deployment"):
+        console.print(deployment_table(content["deployment"]))
+        if notes := deployment_notes(content["deployment"]):
+            console.print(notes)
 
 
 @app.command(rich_help_panel="Client")

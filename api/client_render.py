@@ -8,7 +8,7 @@ from typing import Any
 from rich.table import Table
 
 from .client_progress import STATUS_STYLE, budget_text, fmt_drop, fmt_score, fmt_share, outcome, progress_line
-from .schemas import ArtifactPublic, JobPublic, TrialPublic
+from .schemas import ArtifactPublic, DeploymentPublic, JobPublic, TrialPublic
 
 TRIAL_STYLE = {"COMPLETE": "green", "FAIL": "red", "RUNNING": "cyan", "PRUNED": "dim", "WAITING": "yellow"}
 
@@ -58,8 +58,11 @@ def job_table(job: JobPublic) -> Table:
             ("drop", f"{fmt_drop(job.drop, job.relative)} (budget {budget_text(job)}): "
                      f"{'[green]MET[/]' if job.met else '[red]NOT MET[/]'}"),
             ("INT8 MACs", fmt_share(job.coverage)),
-            ("artifacts", ", ".join(job.artifacts) or "–"),
         ]
+        if job.deployment is not None:
+            rows += [("INT8 kernels", kernels_line(deployment_summary(job.deployment))),
+                     ("speed-up vs FP32", speedup_line(deployment_summary(job.deployment)))]
+        rows.append(("artifacts", ", ".join(job.artifacts) or "–"))
     if job.reason:
         rows.append(("reason", job.reason))
     if job.error:
@@ -84,17 +87,95 @@ def trials_table(trials: list[TrialPublic], relative: bool = True) -> Table:
 
 
 def ledger_table(report: dict[str, Any]) -> Table:
-    """Per layer of a report: share of MACs, INT8 or FP32 with which setting, and why."""
+    """Per layer of a report: share of MACs, INT8 or FP32 with which setting, and why; and what
+    ONNX Runtime runs for it (its kernel, from the deployed check)."""
     table = Table(title="per-layer decisions (SQNR: layer output signal-to-noise in INT8, from calibration data)")
-    for column in ("layer", "MACs", "decision", "best SQNR dB", "why"):
+    for column in ("layer", "MACs", "decision", "best SQNR dB", "why", "ONNX Runtime runs"):
         table.add_column(column, overflow="fold")
+    kernels = ((report.get("deployment") or {}).get("kernels") or {}).get("layers") or {}
     for name, entry in (report.get("ledger") or {}).items():
         decision = str(entry.get("decision", "–"))
         style = "green" if decision.startswith("int8") else "yellow"
         sqnr = entry.get("best_sqnr_db")
         table.add_row(name, fmt_share(entry.get("macs_share")) if entry.get("macs_share") is not None else "–",
-                      f"[{style}]{decision}[/]", "–" if sqnr is None else f"{sqnr:.1f}", str(entry.get("reason", "")))
+                      f"[{style}]{decision}[/]", "–" if sqnr is None else f"{sqnr:.1f}", str(entry.get("reason", "")),
+                      _runs_as(kernels.get(name)))
     return table
+
+
+def _runs_as(kernel: dict[str, Any] | None) -> str:
+    if not kernel or kernel.get("planned") != "int8":
+        return "–"
+    if kernel.get("int8"):
+        return f"[green]{kernel.get('kernel')} (INT8)[/]"
+    return f"[red]{kernel.get('kernel') or '?'} (float)[/]"
+
+
+def deployment_summary(deployment: DeploymentPublic | dict[str, Any] | None) -> dict[str, Any] | None:
+    """The deployed check in the job's shape (`DeploymentPublic`), from a job or from report.json."""
+    if deployment is None or isinstance(deployment, DeploymentPublic):
+        return deployment.model_dump() if deployment is not None else None
+    if "int8_kernels" in deployment:
+        return deployment
+    kernels, latency = deployment.get("kernels") or {}, deployment.get("latency") or {}
+    layers = kernels.get("layers") or {}
+    return {
+        "int8_layers": kernels.get("planned_int8"), "int8_kernels": kernels.get("running_int8"),
+        "int8_macs_planned": kernels.get("int8_macs_planned"), "int8_macs_running": kernels.get("int8_macs_running"),
+        "float_layers": [{"layer": n, **{k: layers.get(n, {}).get(k) for k in ("kernel", "reason")}}
+                         for n in kernels.get("running_float") or []],
+        "calibration_batch": latency.get("calibration_batch"), "latency": latency.get("rows") or [],
+        "errors": deployment.get("errors") or {},
+    }
+
+
+def kernels_line(summary: dict[str, Any] | None) -> str:
+    """e.g. `4/4 planned INT8 layers run INT8 kernels (100% of MACs run INT8)`."""
+    if not summary or summary.get("int8_kernels") is None:
+        return "not checked" + (f": {summary['errors']['kernels']}" if summary and "kernels" in summary["errors"] else "")
+    ok = summary["int8_kernels"] == summary["int8_layers"]
+    return (f"[{'green' if ok else 'red'}]{summary['int8_kernels']}/{summary['int8_layers']}[/] planned INT8 layers "
+            f"run INT8 kernels ({fmt_share(summary.get('int8_macs_running'))} of MACs run INT8)")
+
+
+def speedup_line(summary: dict[str, Any] | None) -> str:
+    """INT8 vs FP32 on ONNX Runtime at each batch size and thread setting measured."""
+    rows = (summary or {}).get("latency") or []
+    if not rows:
+        return "not measured" + (f": {summary['errors']['latency']}" if summary and "latency" in summary["errors"] else "")
+    return ", ".join(f"[{'green' if r['speedup'] >= 1 else 'red'}]{r['speedup']:.2f}x[/] at batch {r['batch']} "
+                     f"({_threads(r['threads'])})" for r in rows)
+
+
+def _threads(threads: int | str) -> str:
+    return "1 thread" if threads == 1 else f"{threads} threads"
+
+
+def deployment_table(deployment: DeploymentPublic | dict[str, Any] | None) -> Table | None:
+    """Deployed on ONNX Runtime: INT8 kernels x/y, and FP32 vs INT8 latency per batch size and threads."""
+    summary = deployment_summary(deployment)
+    if summary is None:
+        return None
+    caption = None
+    if summary.get("int8_kernels") is not None:
+        caption = (f"INT8 kernels {summary['int8_kernels']}/{summary['int8_layers']} layers, "
+                   f"{fmt_share(summary.get('int8_macs_running'))} of MACs run INT8")
+    table = Table(title="deployed on ONNX Runtime (CPU)", caption=caption)
+    for column in ("batch", "threads", "FP32 ms", "INT8 ms", "speed-up"):
+        table.add_column(column, justify="left" if column == "threads" else "right")
+    for r in summary.get("latency") or []:
+        style = "green" if r["speedup"] >= 1 else "red"
+        table.add_row(str(r["batch"]), str(r["threads"]), f"{r['fp32_ms']:.3f}", f"{r['int8_ms']:.3f}",
+                      f"[{style}]{r['speedup']:.2f}x[/]")
+    return table
+
+
+def deployment_notes(deployment: DeploymentPublic | dict[str, Any] | None) -> str:
+    """The planned INT8 layers that run in float (and why), and what could not be measured."""
+    summary = deployment_summary(deployment) or {}
+    lines = [f"[red]runs in float:[/] {f['layer']}: {f['reason']}" for f in summary.get("float_layers") or []]
+    lines += [f"[yellow]not measured ({part}):[/] {error}" for part, error in (summary.get("errors") or {}).items()]
+    return "\n".join(lines)
 
 
 def report_summary(report: dict[str, Any]) -> str:
@@ -114,6 +195,9 @@ def report_summary(report: dict[str, Any]) -> str:
         + (f"  |  FP32: {', '.join(fp32)}" if fp32 else ""),
         f"evaluations {report.get('evaluations')}  |  trials {len(report.get('trials') or [])}",
     ]
+    if report.get("deployment"):
+        summary = deployment_summary(report["deployment"])
+        lines += [f"ONNX Runtime: {kernels_line(summary)}", f"INT8 vs FP32 on ONNX Runtime: {speedup_line(summary)}"]
     if report.get("reason"):
         lines.append(f"reason: {report['reason']}")
     return "\n".join(lines)

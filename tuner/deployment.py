@@ -48,7 +48,7 @@ class LatencyRow:
         return self.fp32_ms / self.int8_ms if self.int8_ms > 0 else float("inf")
 
     def label(self) -> str:
-        return f"batch {self.batch}, {'1 thread' if self.threads == 1 else f'{self.threads} threads'}"
+        return f"batch {self.batch} with {'1 thread' if self.threads == 1 else f'{self.threads} threads'}"
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "speedup": round(self.speedup, 4)}

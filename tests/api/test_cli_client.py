@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,15 @@ def test_jobs_status_trials_report_as_tables_and_json(env: dict[str, str], submi
     status = cli(env, "status", str(job["id"]))
     assert status.exit_code == 0 and f"job {job['id']}: cli job" in status.stdout and "MET" in status.stdout
     assert json.loads(cli(env, "status", str(job["id"]), "--json").stdout)["score"] == job["score"]
+    # the deployed check: INT8 kernels x/y and FP32 vs INT8 latency on ONNX Runtime, per batch size and threads
+    deployment = job["deployment"]
+    assert deployment["int8_layers"] == 4 and len(deployment["latency"]) == 4
+    kernels = f"{deployment['int8_kernels']}/{deployment['int8_layers']} planned INT8 layers run INT8 kernels"
+    assert kernels in status.stdout and "deployed on ONNX Runtime (CPU)" in status.stdout
+    for row in deployment["latency"]:
+        assert f"{row['speedup']:.2f}x at batch {row['batch']}" in status.stdout
+        assert re.search(rf"│\s+{row['batch']} │ {row['threads']}\s+│\s+{row['fp32_ms']:.3f} │\s+{row['int8_ms']:.3f} │"
+                         rf"\s+{row['speedup']:.2f}x │", status.stdout), status.stdout
 
     trials = json.loads(cli(env, "trials", str(job["id"]), "--json").stdout)
     assert trials["count"] == len(trials["data"]) >= 1 and trials["data"][0]["number"] == 0
@@ -76,6 +86,11 @@ def test_jobs_status_trials_report_as_tables_and_json(env: dict[str, str], submi
     assert report.exit_code == 0 and "MET" in report.stdout and all(layer in report.stdout for layer in LAYERS)
     content = json.loads(cli(env, "report", str(job["id"]), "--json").stdout)
     assert list(content["ledger"]) == LAYERS and content["score"] == job["score"]
+    assert content["deployment"]["latency"]["rows"] == deployment["latency"]
+    assert kernels in report.stdout and "deployed on ONNX Runtime (CPU)" in report.stdout
+    for layer, verdict in content["deployment"]["kernels"]["layers"].items():  # what ONNX Runtime runs, per layer
+        runs = f"{verdict['kernel']} ({'INT8' if verdict['int8'] else 'float'})" if verdict["planned"] == "int8" else "–"
+        assert re.search(rf"{layer}\s+│.*│\s+{re.escape(runs)}\s+│", report.stdout), (layer, runs)
 
 
 def test_download_writes_the_artifacts(env: dict[str, str], submitted: dict, tmp_path: Path) -> None:

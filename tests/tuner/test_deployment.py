@@ -206,10 +206,10 @@ def test_float_layers_are_warned_about_and_a_slower_plan_is_never_a_plain_succes
     assert all(f"{n} {deployment.kernels.layers[n].reason}" in warning for n in ("conv_bn", "conv_add", "conv_raw"))
     reason = "trial 0: 5/5 int8, drop 0.10% vs budget 1.00% relative; every layer INT8"
     assert deployment.qualify(reason, met=True) == (
-        "met, but the deployed INT8 model is slower than FP32 on ONNX Runtime (0.50x at batch 1, 1 thread); " + reason)
+        "met, but the deployed INT8 model is slower than FP32 on ONNX Runtime (0.50x at batch 1 with 1 thread); " + reason)
     assert deployment.qualify("no evaluated plan met the budget", met=False) == (
         "no evaluated plan met the budget; the deployed INT8 model is also slower than FP32 on ONNX Runtime "
-        "(0.50x at batch 1, 1 thread)")
+        "(0.50x at batch 1 with 1 thread)")
     assert deployment.speedup() == 2.0 and deployment.speedup(1) == 0.5
     summary = deployment.summary()
     assert (summary["int8_layers"], summary["int8_kernels"]) == (5, 2)
