@@ -314,6 +314,32 @@ def test_finished_job_pages_render_every_plot_table_and_layer(alice_page: Page, 
     assert report["deployed_score"] is not None
     assert "Score on ONNX Runtime" in deployed and f"{report['deployed_score']:.4g}"[:4] in deployed
     assert sorted(page.locator("#artifacts a.artifact").all_inner_texts()) == sorted(job["artifacts"])
+
+    # deployed on ONNX Runtime: INT8 kernels x/y, FP32 vs INT8 latency per batch size and threads, float layers
+    deployment = job["deployment"]
+    assert deployment["int8_layers"] == len(report["int8_layers"]) and len(deployment["latency"]) == 4
+    kernels_text = page.inner_text("#runtime-kernels")
+    assert f"{deployment['int8_kernels']}/{deployment['int8_layers']} planned INT8 layers" in kernels_text
+    assert f"{100 * deployment['int8_macs_running']:.1f}% of MACs run INT8" in kernels_text
+    assert page.locator("#runtime-latency tbody tr").count() == len(deployment["latency"])
+    for row in deployment["latency"]:
+        cells = page.locator(f"#runtime-latency tr[data-batch='{row['batch']}'][data-threads='{row['threads']}'] td")
+        shown = cells.all_inner_texts()
+        assert shown[1:] == ["1" if row["threads"] == 1 else "all", f"{row['fp32_ms']:.3f}", f"{row['int8_ms']:.3f}",
+                             f"{row['speedup']:.2f}×"], shown
+    assert page.locator("#runtime-float li[data-layer]").count() == len(deployment["float_layers"])
+    for floating in deployment["float_layers"]:
+        assert floating["reason"] in page.inner_text(f"#runtime-float li[data-layer='{floating['layer']}']")
+    calibration_row = next(r for r in deployment["latency"] if r["batch"] == deployment["calibration_batch"]
+                           and r["threads"] == 1)
+    speedup_card = page.locator("#summary .stat", has_text="INT8 speed-up").inner_text()
+    assert f"{calibration_row['speedup']:.2f}×" in speedup_card
+    verdicts = report["deployment"]["kernels"]["layers"]
+    for name in ledger["layers"]:  # the ledger says what ONNX Runtime runs for each layer
+        verdict = verdicts[name]
+        expected = (f"{verdict['kernel']} ({'INT8' if verdict['int8'] else 'float'})"
+                    if verdict["planned"] == "int8" else "–")
+        assert page.locator(f"#ledger tr[data-layer='{name}'] td").nth(2).inner_text() == expected
     with page.expect_download() as download:
         page.click("#artifacts a.artifact:text('plan.json')")
     assert json.loads(Path(download.value.path()).read_text())["layers"] == report["plan"]["layers"]

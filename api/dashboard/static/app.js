@@ -204,6 +204,7 @@
         ["Trials", p.trials + (job.max_trials ? " / " + job.max_trials : ""), job.workers + " worker(s) now"],
         ["Evaluations", String(p.evaluations), "calls of the evaluation"],
         ["Deployed score", fmtNum(job.deployed_score), "ONNX Runtime, INT8"],
+        ["INT8 speed-up", speedupValue(job.deployment), speedupSub(job.deployment)],
         ["Age", fmtAge(job.created_at), job.finished_at ? "finished " + fmtAge(job.finished_at) : job.started_at ? "started " + fmtAge(job.started_at) : "not started"],
       ];
       document.getElementById("summary").replaceChildren(...cards.map(([label, value, sub]) =>
@@ -246,6 +247,55 @@
         el("dt", {}, "Search time"), el("dd", {}, report.seconds ? fmtDuration(report.seconds.total) : "–")));
     }
 
+    // what ONNX Runtime runs (INT8 kernels per planned INT8 layer) and how fast against FP32
+    function speedupRow(d, batch) {
+      const rows = (d && d.latency) || [];
+      return rows.find((r) => r.batch === (batch === undefined ? d.calibration_batch : batch) && r.threads === 1) || null;
+    }
+
+    function speedupValue(d) {
+      const row = speedupRow(d);
+      return row ? el("span", { class: row.speedup >= 1 ? "ok" : "miss" }, row.speedup.toFixed(2) + "×") : "–";
+    }
+
+    function speedupSub(d) {
+      const row = speedupRow(d);
+      if (!row) return "INT8 vs FP32 on ONNX Runtime";
+      const one = speedupRow(d, 1);
+      return "batch " + row.batch + ", 1 thread" + (one && one !== row ? "; batch 1: " + one.speedup.toFixed(2) + "×" : "");
+    }
+
+    function renderRuntime() {
+      const box = document.getElementById("runtime");
+      const d = job.deployment;
+      if (!d) return;
+      const parts = [];
+      if (isNum(d.int8_kernels)) {
+        const all = d.int8_kernels === d.int8_layers;
+        parts.push(el("p", { id: "runtime-kernels" }, "INT8 kernels: ",
+          el("strong", { class: all ? "ok" : "miss" }, d.int8_kernels + "/" + d.int8_layers),
+          " planned INT8 layers · " + fmtPct(d.int8_macs_running) + " of MACs run INT8 (planned " + fmtPct(d.int8_macs_planned) + ")"));
+      }
+      if ((d.float_layers || []).length) {
+        parts.push(el("ul", { id: "runtime-float", class: "float-layers" }, d.float_layers.map((f) =>
+          el("li", { "data-layer": f.layer }, el("code", {}, f.layer), " ", el("span", { class: "miss" }, "runs in float"), ": " + (f.reason || "")))));
+      }
+      if ((d.latency || []).length) {
+        const head = el("tr", {}, ["Batch", "Threads", "FP32 ms", "INT8 ms", "Speed-up"].map((h, i) => el("th", { class: i === 1 ? null : "num" }, h)));
+        const rows = d.latency.map((r) => el("tr", { "data-batch": r.batch, "data-threads": r.threads },
+          el("td", { class: "num" }, String(r.batch) + (r.batch === d.calibration_batch && r.batch !== 1 ? " (calibration)" : "")),
+          el("td", {}, r.threads === 1 ? "1" : "all"),
+          el("td", { class: "num" }, r.fp32_ms.toFixed(3)),
+          el("td", { class: "num" }, r.int8_ms.toFixed(3)),
+          el("td", { class: "num " + (r.speedup >= 1 ? "ok" : "miss") }, r.speedup.toFixed(2) + "×")));
+        parts.push(el("table", { class: "grid compact", id: "runtime-latency" }, el("thead", {}, head), el("tbody", {}, rows)));
+      }
+      for (const [part, error] of Object.entries(d.errors || {})) {
+        parts.push(el("p", { class: "error small" }, "Not measured (" + part + "): " + error));
+      }
+      box.replaceChildren(...parts);
+    }
+
     function renderArtifacts() {
       const list = document.getElementById("artifacts");
       if (!artifacts || !artifacts.data.length) return;
@@ -279,7 +329,7 @@
         el("td", { class: "num" }, fmtPct(t.coverage)),
         el("td", { class: "num" }, fmtDuration(t.duration_s))));
       const tbody = document.querySelector("#trials tbody");
-      if (!rows.length) rows.push(el("tr", { class: "empty" }, el("td", { colspan: 7 }, "No trials yet.")));
+      if (!rows.length) rows.push(el("tr", { class: "empty" }, el("td", { colspan: 8 }, "No trials yet.")));
       tbody.replaceChildren(...rows);
       document.getElementById("trial-count").textContent = trials.length ? "(" + trials.length + ")" : "";
       for (const th of document.querySelectorAll("#trials th[data-key]")) {
@@ -389,6 +439,14 @@
       Plotly.react("plot-sqnr", traces, layout, PLOT_CONFIG);
     }
 
+    function runsAs(name) {
+      const layers = report && report.deployment && report.deployment.kernels ? report.deployment.kernels.layers : null;
+      const k = layers ? layers[name] : null;
+      if (!k || k.planned !== "int8") return el("td", { class: "muted runs-as" }, "–");
+      return el("td", { class: "runs-as " + (k.int8 ? "ok" : "miss"), title: k.reason || "" },
+        (k.kernel || "?") + (k.int8 ? " (INT8)" : " (float)"));
+    }
+
     function renderLedger() {
       const data = ledger.ledger || {};
       const tbody = document.querySelector("#ledger tbody");
@@ -404,19 +462,21 @@
         return el("tr", { "data-layer": name },
           el("td", {}, el("code", {}, name)),
           el("td", { class: decision ? (decision.startsWith("fp32") ? "decision-fp32" : "decision-int8") : "muted" }, decision || "–"),
+          runsAs(name),
           el("td", { class: "num" }, entry && entry.sensitivity_rank !== null ? String(entry.sensitivity_rank) : "–"),
           el("td", { class: "num" }, entry ? fmtPct(entry.macs_share) : "–"),
           el("td", { class: "num" }, entry ? fmtNum(entry.best_sqnr_db, 3) : "–"),
           el("td", {}, strip),
           el("td", { class: "reason-text" }, entry ? entry.reason : ""));
       });
-      if (!rows.length) rows.push(el("tr", { class: "empty" }, el("td", { colspan: 7 }, "No layers yet: they are known once the search started.")));
+      if (!rows.length) rows.push(el("tr", { class: "empty" }, el("td", { colspan: 8 }, "No layers yet: they are known once the search started.")));
       tbody.replaceChildren(...rows);
     }
 
     function render() {
       renderSummary();
       renderPlan();
+      renderRuntime();
       renderArtifacts();
       renderTrials();
       renderLedger();
