@@ -4,8 +4,8 @@ It starts the embedded server (`quanttune serve`: SQLite and artifacts under `<o
 port, one worker, a token), submits the bundled digits CNN through the SDK as a user would (the
 nn.Module exported with torch.export, calibration batches uploaded as safetensors, the evaluation
 by reference), follows it with the progress bar, prints the outcome and each layer's decision with
-its reason, measures the INT8 model against FP32 on ONNX Runtime, writes model.onnx, plan.json and
-report.json to `<out>`, and stops the server.
+its reason, what ONNX Runtime runs and how fast against FP32 (the worker's deployed check), writes
+model.onnx, plan.json and report.json to `<out>`, and stops the server.
 """
 
 from __future__ import annotations
@@ -24,42 +24,24 @@ EVALUATE = "tuner.examples.digits:evaluate"
 
 
 class _Local:
-    """Client-side figures computed while the server works: naive INT8 accuracy and an FP32 ONNX
-    model to compare speeds with."""
+    """Client-side figures computed while the server works: the naive INT8 accuracy."""
 
-    def __init__(self, model: Any, batches: list[Any], workdir: Path) -> None:
-        self.model, self.batches, self.workdir = model, batches, workdir
+    def __init__(self, model: Any, batches: list[Any]) -> None:
+        self.model, self.batches = model, batches
         self.naive: float | None = None
-        self.fp32_onnx: Path | None = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="demo-local", daemon=True)
 
     def _run(self) -> None:
         try:
-            from tuner import LayerConfig, Plan, apply_plan, calibrate, export_onnx
+            from tuner import LayerConfig, apply_plan, calibrate
             from tuner.examples import digits
 
             calibration = calibrate(self.model, self.batches)
             naive_plan = calibration.uniform_plan(LayerConfig(weights="per_tensor"))
             self.naive = digits.evaluate(apply_plan(self.model, naive_plan, calibration))
-            self.fp32_onnx = export_onnx(self.model, Plan(), calibration, self.workdir / "model-fp32.onnx")
-        except BaseException as exc:  # reported, never fatal: the figures are extras
+        except BaseException as exc:  # reported, never fatal: the figure is an extra
             self.error = exc
-
-
-def _speed(fp32_path: Path, int8_path: Path) -> list[tuple[int, float, float]]:
-    """(batch, FP32 ms, INT8 ms) on ONNX Runtime with one thread, timed in turns."""
-    from tuner import load_onnx
-    from tuner.examples import digits
-    from tuner.onnx_runtime import latency
-
-    _, _, images, _ = digits._splits()  # noqa: SLF001 (the held-out images)
-    models = {"fp32": load_onnx(fp32_path, threads=1), "int8": load_onnx(int8_path, threads=1)}
-    rows = []
-    for size in (1, 256):
-        timed = latency(models, images[:size], runs=30, warmup=5)
-        rows.append((size, timed["fp32"]["median"] * 1e3, timed["int8"]["median"] * 1e3))
-    return rows
 
 
 @app.command()
@@ -99,7 +81,7 @@ def demo(
         console.print(f"trained the example in {time.perf_counter() - started:.1f}s")
         server.wait_ready()
         console.print(f"server up on {server.url} after {time.perf_counter() - started:.1f}s")
-        local = _Local(model, batches, out)
+        local = _Local(model, batches)
         with Client(server.url, server.token) as client:
             job = client.submit(model, batches, EVALUATE, name="digits demo", max_drop=max_drop)
             console.print(f"submitted job {job.id}: the model as a torch.export archive, {len(batches)} calibration "
@@ -113,8 +95,6 @@ def demo(
         console.print(report_summary(report))
         _results(console, report, paths, local)
         written = [str(paths[n]) for n in sorted(paths)]
-        if local.fp32_onnx is not None:
-            written.append(f"{local.fp32_onnx} (FP32, for comparison)")
         console.print(f"wrote {', '.join(written)}  ({time.perf_counter() - started:.0f}s in all)")
         console.print(f"dashboard: {server.url}/dashboard/  (token: {server.token})")
         if keep_serving:
@@ -141,24 +121,24 @@ def demo(
 
 
 def _results(console: Console, report: dict[str, Any], paths: dict[str, Path], local: _Local) -> None:
-    """The demo's extras: naive INT8 accuracy, the downloaded model evaluated here, speed on ONNX Runtime."""
+    """The demo's extras: naive INT8 accuracy, the downloaded model evaluated here, and the latency
+    table of the deployed check the worker made (INT8 vs FP32 on ONNX Runtime, timed in turns)."""
     from tuner import load_onnx
     from tuner.examples import digits
 
+    from .client_render import deployment_notes, deployment_table
+
     deployed = digits.evaluate(load_onnx(paths["model.onnx"]))
-    naive = f"{local.naive:.2f}%" if local.naive is not None else "not measured"
+    naive = f"{local.naive:.2f}%" if local.naive is not None else f"not measured ({type(local.error).__name__})"
     console.print(f"FP32 accuracy {report['baseline']:.2f}%  |  naive INT8 (per-tensor max) {naive}  |  tuned INT8 "
                   f"{report['score']:.2f}% simulated, downloaded model.onnx on ONNX Runtime here {deployed:.2f}%")
-    if local.fp32_onnx is None:
-        console.print(f"[yellow]speed not measured: {type(local.error).__name__}: {local.error}[/]")
-        return
-    speedups = []
-    for size, fp32_ms, int8_ms in _speed(local.fp32_onnx, paths["model.onnx"]):
-        speedups.append(fp32_ms / int8_ms)
-        console.print(f"deployed speed-up (ONNX Runtime, 1 thread, batch {size}): FP32 {fp32_ms:.3f} ms, "
-                      f"INT8 {int8_ms:.3f} ms: {speedups[-1]:.2f}x")
-    if max(speedups) < 1:
-        console.print("  (INT8 is not faster on this small model on this machine; benchmarks/bench_onnx.py "
-                      "measures larger ones)")
-    fp32_size, int8_size = local.fp32_onnx.stat().st_size, paths["model.onnx"].stat().st_size
-    console.print(f"file size: INT8 {int8_size / 1024:.0f} KiB vs FP32 {fp32_size / 1024:.0f} KiB")
+    if report.get("deployment"):  # kernels and speed-ups are in the summary above; the timings per setting here
+        console.print(deployment_table(report["deployment"]))
+        if notes := deployment_notes(report["deployment"]):
+            console.print(notes)
+    else:
+        console.print("[yellow]the deployed check did not run: no ONNX Runtime figures in the report[/]")
+    coverage = report.get("coverage") or {}
+    if coverage.get("fp32_bytes"):
+        console.print(f"file size: model.onnx {paths['model.onnx'].stat().st_size / 1024:.0f} KiB; weights "
+                      f"{coverage['int8_bytes'] / 1024:.0f} KiB vs {coverage['fp32_bytes'] / 1024:.0f} KiB in FP32")

@@ -16,7 +16,7 @@ def test_quanttune_demo_runs_the_service_end_to_end_and_writes_artifacts(tmp_pat
                           capture_output=True, text=True, timeout=600, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stdout = proc.stdout
-    assert "MET" in stdout and "naive INT8" in stdout and "deployed speed-up" in stdout
+    assert "MET" in stdout and "naive INT8" in stdout and "INT8 vs FP32 on ONNX Runtime:" in stdout
     naive = float(re.search(r"naive INT8 \(per-tensor max\) ([\d.]+)%", stdout).group(1))
     assert naive < 50  # the example's naive INT8 really breaks the budget
 
@@ -26,6 +26,18 @@ def test_quanttune_demo_runs_the_service_end_to_end_and_writes_artifacts(tmp_pat
     for layer, entry in report["ledger"].items():  # every layer's decision is printed
         assert re.search(rf"{layer}\s+│[^│]+│\s+{re.escape(entry['decision'])}\s", stdout), layer
     assert (out / "model.onnx").stat().st_size > 0
+    # the worker's deployed check, printed: INT8 kernels x/y, and FP32 vs INT8 per batch size and threads
+    deployment = report["deployment"]
+    kernels = deployment["kernels"]
+    assert kernels["planned_int8"] == 4 and kernels["running_int8"] == 4  # every digits layer runs an INT8 kernel
+    assert f"ONNX Runtime: {kernels['running_int8']}/{kernels['planned_int8']} planned INT8 layers run INT8 kernels" \
+        in stdout
+    assert "deployed on ONNX Runtime (CPU)" in stdout and len(deployment["latency"]["rows"]) == 4
+    for row in deployment["latency"]["rows"]:
+        assert f"{row['speedup']:.2f}x at batch {row['batch']}" in stdout
+        assert re.search(rf"│\s+{row['batch']} │ {row['threads']}\s+│\s+{row['fp32_ms']:.3f} │\s+{row['int8_ms']:.3f} │",
+                         stdout), stdout[-3000:]
+    assert not (out / "model-fp32.onnx").exists()  # no second measurement: the worker's is reused
     assert json.loads((out / "plan.json").read_text())["version"] == 1
 
     # it went through the service: a job in the embedded server's database, a private token file
