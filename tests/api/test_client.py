@@ -84,6 +84,13 @@ def test_trials_report_ledger_and_verified_download(readme: dict, client: Client
 
     report = job.report()
     assert report["score"] == info.score and report["met"] is True and list(report["ledger"]) == LAYERS
+    # the deployed check, typed in the job and in full in the report: every layer runs an INT8 kernel
+    deployment = info.deployment
+    assert (deployment.int8_kernels, deployment.int8_layers, deployment.int8_macs_running) == (4, 4, 1.0)
+    assert deployment.float_layers == [] and deployment.errors == {}
+    assert [(r.batch, r.threads) for r in deployment.latency] == [(1, 1), (32, 1), (1, "all"), (32, "all")]
+    assert [r.model_dump() for r in deployment.latency] == report["deployment"]["latency"]["rows"]
+    assert {k["kernel"] for k in report["deployment"]["kernels"]["layers"].values()} == {"QLinearConv", "QGemm"}
     ledger = job.ledger()
     assert ledger.layers == LAYERS and ledger.ledger == report["ledger"] and ledger.baseline == info.baseline
 
