@@ -135,17 +135,19 @@ class Calibration:
         return compute_qparams(lo, hi, symmetric=False, qtype=UINT8)
 
     def runs_float(self, plan: Plan) -> dict[str, str]:
-        """INT8 convolutions of `plan` that the runtime would still run in float, and why."""
-        if self.graph is None:
-            return {}
+        """INT8 layers of `plan` that ONNX Runtime would still run in float, and why."""
+        slow = {
+            name: ("its input is symmetric INT8 [-127, 127]: the Clip between QuantizeLinear and "
+                   "DequantizeLinear stops ONNX Runtime's INT8 kernel fusion")
+            for name in plan.int8_layers if plan.config(name).symmetric and not self.layers[name].weight_only
+        }
         plain = {n for n in plan.int8_layers if not plan.config(n).smooth}
-        slow = {}
-        for name, out in self.graph.conv_outputs.items():
+        for name, out in (self.graph.conv_outputs.items() if self.graph is not None else ()):
             needs = out.others or any(c not in plain for c in out.consumers)
-            if name in plan.int8_layers and needs and (out.site is None or out.site not in self.tensors):
+            placed = out.site is not None and out.site in self.tensors
+            if name in plan.int8_layers and name not in slow and needs and not placed:
                 slow[name] = out.reason or "its output cannot be quantized where a module returns it"
         return slow
-
     # -- quantization parameters -------------------------------------------------------------
 
     def activation_qparams(self, name: str, method: str, symmetric: bool, smooth: float = 0.0) -> QParams:

@@ -33,6 +33,11 @@ SMOOTH_ALPHA = 0.5
 # (measured: the digits example ran 2x slower than FP32 with every layer smoothed). So smoothing
 # is chosen only where it beats the best unsmoothed setting by this many dB.
 SMOOTH_COST_DB = 3.0
+# A symmetric input is quantized to [-127, 127]: the Clip between its QuantizeLinear and
+# DequantizeLinear stops ONNX Runtime from fusing the layer into an INT8 kernel (measured on
+# MiniLM and on an EfficientNet squeeze-excitation conv: float compute on dequantized weights).
+# So a symmetric input, too, must win by this many dB.
+SYMMETRIC_COST_DB = 3.0
 # Beyond this output SQNR a layer's INT8 error is negligible (noise 1e-4 of the signal): higher
 # figures are not worth a costlier setting, so the simplest setting above it wins.
 ENOUGH_SQNR_DB = 40.0
@@ -90,14 +95,15 @@ class LayerErrors:
     def best(self, allowed: Iterable[LayerConfig] | None = None) -> LayerConfig:
         """The setting with the highest SQNR among the measured ones `allowed` names (ties: the
         first listed, i.e. the simplest; SQNR counts up to `ENOUGH_SQNR_DB`, and smoothing must win
-        by `SMOOTH_COST_DB`). A weight-only layer matches `allowed` on `weights` alone."""
+        by `SMOOTH_COST_DB`, a symmetric input by `SYMMETRIC_COST_DB`). A weight-only layer matches `allowed` on `weights` alone."""
         labels = [self.label(c) for c in allowed] if allowed is not None else list(self.sqnr)
         labels = [label for label in dict.fromkeys(labels) if label in self.sqnr]
         if not labels:
             raise InvalidArgumentError(f"layer {self.name!r} was measured under none of the allowed settings.")
 
         def merit(label: str) -> float:
-            cost = SMOOTH_COST_DB if self.settings[label].smooth else 0.0
+            config = self.settings[label]
+            cost = (SMOOTH_COST_DB if config.smooth else 0.0) + (SYMMETRIC_COST_DB if config.symmetric else 0.0)
             return min(self.sqnr[label], ENOUGH_SQNR_DB) - cost
 
         return self.settings[max(labels, key=merit)]
