@@ -96,6 +96,19 @@ class Deployment:
         row = self.latency.row(self.latency.calibration_batch if batch is None else batch, threads)
         return row.speedup if row is not None else None
 
+    def describe(self) -> list[str]:
+        """One line each: INT8 kernels of the planned INT8 layers, and the latency table."""
+        lines = []
+        k = self.kernels
+        if k is not None:
+            share = k.int8_macs_running
+            lines.append(f"ONNX Runtime runs {len(k.running_int8)} of {len(k.planned_int8)} planned INT8 layers in "
+                         f"INT8 kernels" + (f" ({share:.1%} of MACs)" if share is not None else ""))
+        if self.latency is not None:
+            lines.append("latency on ONNX Runtime, FP32 -> INT8: " + ", ".join(
+                f"{r.label()} {r.fp32_ms:.3g} -> {r.int8_ms:.3g} ms ({r.speedup:.2f}x)" for r in self.latency.rows))
+        return lines
+
     def warnings(self) -> list[str]:
         """What a user must know: the parts that could not be measured, and the layers planned INT8
         that ONNX Runtime runs in float (each with why)."""

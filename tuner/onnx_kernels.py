@@ -118,6 +118,7 @@ class _Graph:
             for name in node.input:
                 if name:
                     self.consumers[name].append(node)
+        self.nodes = list(graph.node)
         self.initializers = {i.name: i for i in graph.initializer}
         self.outputs = {o.name for o in graph.output}
 
@@ -177,7 +178,10 @@ def check_kernels(path: str | pathlib.Path, macs: Mapping[str, int] | None = Non
 
 def _judge(name: str, layer: Mapping[str, Any], exported: _Graph, optimized: _Graph, macs: int | None) -> LayerKernel:
     op, weight = layer.get("op"), layer.get("weight") or f"{name}.weight"
-    if weight not in optimized.initializers:
+    if weight not in optimized.initializers:  # renamed or repacked: ONNX Runtime keeps the layer's node names
+        named = [n for n in optimized.nodes if n.name.startswith(f"{name}/") and n.op_type in INT8_KERNELS]
+        if named:
+            return LayerKernel(name, "int8", op, named[0].op_type, True, macs)
         return LayerKernel(name, "int8", op, None, False, macs,
                            f"its int8 weight {weight!r} is not in ONNX Runtime's optimized graph")
     users = _weight_users(optimized, weight)

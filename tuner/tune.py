@@ -394,15 +394,8 @@ def _judge_deployment(result: TuneResult, log) -> None:
     """Log the deployed check; warn about what could not be measured and about planned INT8 layers
     that run in float; never call a plan slower than FP32 a plain success (the reason says so;
     `met` stays about accuracy)."""
-    deployment = result.deployment
-    kernels = deployment.kernels
-    if kernels is not None:
-        share = kernels.int8_macs_running
-        log(f"[quanttune] ONNX Runtime runs {len(kernels.running_int8)} of {len(kernels.planned_int8)} planned "
-            f"INT8 layers in INT8 kernels" + (f" ({share:.1%} of MACs)" if share is not None else ""))
-    if deployment.latency is not None:
-        log("[quanttune] latency on ONNX Runtime, FP32 -> INT8: " + ", ".join(
-            f"{r.label()} {r.fp32_ms:.3g} -> {r.int8_ms:.3g} ms ({r.speedup:.2f}x)" for r in deployment.latency.rows))
-    for message in deployment.warnings():
+    for line in result.deployment.describe():
+        log(f"[quanttune] {line}")
+    for message in result.deployment.warnings():
         _warn(result, message)
-    result.reason = deployment.qualify(result.reason, result.met)
+    result.reason = result.deployment.qualify(result.reason, result.met)

@@ -169,8 +169,11 @@ def test_check_deployment_records_errors_instead_of_raising(digits_files, tmp_pa
 
 
 def test_tune_reports_kernels_latency_and_never_calls_a_slower_plan_a_plain_success(digits_model, digits_batches,
-                                                                                     tmp_path):
-    result = tune(digits_model, digits_batches, digits.evaluate, max_drop=0.01, verbose=False, latency_runs=2)
+                                                                                     tmp_path, capsys):
+    result = tune(digits_model, digits_batches, digits.evaluate, max_drop=0.01, verbose=True, latency_runs=2)
+    printed = capsys.readouterr().out
+    assert "[quanttune] ONNX Runtime runs 4 of 4 planned INT8 layers in INT8 kernels (100.0% of MACs)" in printed
+    assert "[quanttune] latency on ONNX Runtime, FP32 -> INT8: batch 1 with 1 thread " in printed
     deployment = result.deployment
     assert result.met and deployment is not None and deployment.errors == {}
     assert deployment.kernels.running_int8 == result.int8_layers == ["conv1", "conv2", "fc1", "fc2"]
