@@ -105,7 +105,7 @@ class Calibration:
         its INT8 convolutions (and residual Adds / Concats) as INT8 kernels: site -> why."""
         graph, int8 = self.graph, set(plan.int8_layers)
         if graph is None:
-            return {}
+            return {site: "set by the plan" for site, p in plan.tensors.items() if p == "int8"}
         plain = {n for n in int8 if not plan.config(n).smooth}  # a smoothed input starts with a float Div
         active: dict[str, str] = {}
         quantized: set[str] = set()
@@ -122,6 +122,11 @@ class Calibration:
                 quantized.add(join.node)
                 for site in sites:
                     active.setdefault(site, f"{'input' if site != join.output else 'output'} of {join.op} {join.node}")
+        for site, precision in plan.tensors.items():  # the plan's own say
+            if precision == "fp32":
+                active.pop(site, None)
+            else:
+                active.setdefault(site, "set by the plan")
         return active
 
     def tensor_qparams(self, site: str, plan: Plan) -> QParams:
@@ -144,7 +149,7 @@ class Calibration:
         plain = {n for n in plan.int8_layers if not plan.config(n).smooth}
         for name, out in (self.graph.conv_outputs.items() if self.graph is not None else ()):
             needs = out.others or any(c not in plain for c in out.consumers)
-            placed = out.site is not None and out.site in self.tensors
+            placed = out.site in self.tensors and plan.tensors.get(out.site) != "fp32"
             if name in plan.int8_layers and name not in slow and needs and not placed:
                 slow[name] = out.reason or "its output cannot be quantized where a module returns it"
         return slow
@@ -199,6 +204,13 @@ class Calibration:
             raise InvalidPlanError(
                 f"plan names layers that are not quantizable layers of this model: {unknown}; "
                 f"the model's are: {known}"
+            )
+        unknown = sorted(set(plan.tensors) - set(self.tensors))
+        if unknown:
+            known = ", ".join(list(self.tensors)[:8]) + (" ..." if len(self.tensors) > 8 else "")
+            raise InvalidPlanError(
+                f"plan `tensors` names sites that are not tensors quanttune can quantize in this model: {unknown}; "
+                f"the model's are: {known or 'none'}"
             )
         for name, config in plan.layers.items():
             if config.int8 and config.smooth and self.layers[name].weight_only:

@@ -21,6 +21,9 @@ def build_ledger(
     budget: Budget,
 ) -> dict[str, dict[str, Any]]:
     evaluated = [o for o in sorted(outcomes, key=lambda o: o.number) if o.state == "COMPLETE" and not o.reused]
+    calib = report.calibration
+    slow, sites = calib.runs_float(best), calib.output_sites(best)
+    graph = calib.graph
     ledger = {}
     for name, errors in report.layers.items():
         config = best.config(name)
@@ -44,8 +47,21 @@ def build_ledger(
             "macs_share": errors.macs / (sum(e.macs for e in report.layers.values()) or 1),
             "trials": evidence,
             "reason": _reason(errors, config, rank, len(ranking), evidence, budget),
+            "batchnorm_folded": graph.folds.get(name) if graph else None,
+            "output_quantized": _output_site(graph, name, sites),
+            "runs_float": slow.get(name),
         }
+        if name in slow:
+            ledger[name]["reason"] += f" Planned INT8, but ONNX Runtime runs it in float: {slow[name]}."
     return ledger
+
+
+def _output_site(graph, name: str, sites: dict[str, str]) -> dict[str, str] | None:
+    """Where the layer's output is quantized for the runtime, and why (None: it is not)."""
+    out = graph.conv_outputs.get(name) if graph is not None else None
+    if out is None or out.site not in sites:
+        return None
+    return {"site": out.site, "why": sites[out.site]}
 
 
 def _finite(x: float) -> float | None:

@@ -4,9 +4,11 @@
 {"version": 1,
  "layers": {"conv1": {"precision": "int8", "activation": "percentile-99.99",
                       "scheme": "affine", "weights": "per_channel"},
-            "fc2":   {"precision": "fp32"}}}
+            "fc2":   {"precision": "fp32"}},
+ "tensors": {"layer1.0": "fp32"}}
 ```
-A layer left out of a plan stays FP32. A FP32 layer keeps its weights and its input in float.
+`tensors` (optional) overrides where tensors beyond layer inputs are quantized for the INT8
+runtime (see `Calibration.output_sites`). A layer left out of a plan stays FP32. A FP32 layer keeps its weights and its input in float.
 An `nn.Embedding` is a weight-only layer (its input is integer indices): its config uses only
 `precision` and `weights`; `activation` and `scheme` do not apply (they are ignored) and `smooth`
 is refused when the plan is applied.
@@ -94,10 +96,13 @@ FP32 = LayerConfig(precision="fp32")
 
 @dataclass(frozen=True)
 class Plan:
-    """Per layer (qualified module name), its `LayerConfig`."""
+    """Per layer (qualified module name), its `LayerConfig`; optionally, per tensor site (the
+    module returning the tensor), "int8" or "fp32" to add or remove a quantizer that the INT8
+    runtime placement (`Calibration.output_sites`) would otherwise choose."""
 
     layers: Mapping[str, LayerConfig] = field(default_factory=dict)
     version: int = PLAN_VERSION
+    tensors: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.version != PLAN_VERSION:
@@ -108,6 +113,12 @@ class Plan:
             if not isinstance(config, LayerConfig):
                 raise InvalidPlanError(f"layer {name!r} must map to a LayerConfig, but got {type(config).__name__}.")
         object.__setattr__(self, "layers", dict(sorted(self.layers.items())))
+        if not isinstance(self.tensors, Mapping):
+            raise InvalidPlanError(f"plan 'tensors' must be an object, but got {type(self.tensors).__name__}.")
+        for site, value in self.tensors.items():
+            if not isinstance(site, str) or value not in PRECISIONS:
+                raise InvalidPlanError(f"plan tensor {site!r} must be one of {list(PRECISIONS)}, but got {value!r}.")
+        object.__setattr__(self, "tensors", dict(sorted(self.tensors.items())))
 
     # -- construction -----------------------------------------------------------------------
 
@@ -118,7 +129,7 @@ class Plan:
 
     def replace(self, changes: Mapping[str, LayerConfig]) -> Plan:
         """A new plan with some layers' configs replaced."""
-        return Plan({**self.layers, **changes})
+        return Plan({**self.layers, **changes}, tensors=self.tensors)
 
     def fallback(self, names: Iterable[str]) -> Plan:
         """A new plan with the named layers in FP32."""
@@ -153,7 +164,10 @@ class Plan:
     # -- JSON -------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "layers": {n: c.to_dict() for n, c in self.layers.items()}}
+        data: dict[str, Any] = {"version": self.version, "layers": {n: c.to_dict() for n, c in self.layers.items()}}
+        if self.tensors:
+            data["tensors"] = dict(self.tensors)
+        return data
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -162,9 +176,9 @@ class Plan:
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
         if not isinstance(data, Mapping):
             raise InvalidPlanError(f"a plan must be a JSON object, but got {type(data).__name__}.")
-        unknown = set(data) - {"version", "layers"}
+        unknown = set(data) - {"version", "layers", "tensors"}
         if unknown:
-            raise InvalidPlanError(f"a plan has only 'version' and 'layers', but got {sorted(unknown)}.")
+            raise InvalidPlanError(f"a plan has only 'version', 'layers' and 'tensors', but got {sorted(unknown)}.")
         layers = data.get("layers", {})
         if not isinstance(layers, Mapping):
             raise InvalidPlanError(f"plan 'layers' must be an object, but got {type(layers).__name__}.")
@@ -176,7 +190,7 @@ class Plan:
             if extra:
                 raise InvalidPlanError(f"layer {name!r} has unknown fields {sorted(extra)}.")
             configs[name] = FP32 if raw.get("precision") == "fp32" else LayerConfig(**raw)
-        return cls(configs, version=data.get("version", PLAN_VERSION))
+        return cls(configs, version=data.get("version", PLAN_VERSION), tensors=data.get("tensors", {}))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Plan:
