@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SECTIONS = ["## The quantization core (library)", "## Tuning: `tune`"]
+SECTIONS = ["## The quantization core (library)", "## Tuning: `tune`",
+            "### What the runtime runs: BatchNorm folding and quantizer placement"]
 
 
 @pytest.mark.parametrize("section", SECTIONS)
