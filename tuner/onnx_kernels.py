@@ -253,7 +253,7 @@ def _why_float(op: str | None, weight: str, kernel: str | None, exported: _Graph
 
 def _output_problem(compute: Any, graph: _Graph) -> str | None:
     """Why a Conv's output is not quantized the way QLinearConv needs: straight into one
-    QuantizeLinear, or through a ReLU whose only consumer is one."""
+    QuantizeLinear, or through a ReLU (or ReLU6's Clip) whose only consumer is one."""
     tensor, path = compute.output[0], [compute.op_type]
     while True:
         users = graph.consumers.get(tensor, [])
@@ -262,11 +262,11 @@ def _output_problem(compute: Any, graph: _Graph) -> str | None:
                    "with a float output)"
         if len(users) == 1 and users[0].op_type == "QuantizeLinear":
             return None
-        if len(users) == 1 and users[0].op_type == "Relu" and len(path) == 1:
-            path.append("Relu")
+        if len(users) == 1 and users[0].op_type in ("Relu", "Clip") and len(path) == 1:  # ReLU / ReLU6: folded
+            path.append(users[0].op_type)
             tensor = users[0].output[0]
             continue
         others = " and ".join(sorted({u.op_type for u in users if u.op_type != "QuantizeLinear"})) or "nothing"
         quantized = any(u.op_type == "QuantizeLinear" for u in users)
-        what = f"its {compute.op_type}'s output" + (" (after Relu)" if len(path) > 1 else "")
+        what = f"its {compute.op_type}'s output" + (f" (after {path[1]})" if len(path) > 1 else "")
         return f"{what} feeds {others}{' besides' if quantized else ', not'} QuantizeLinear"
