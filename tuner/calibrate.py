@@ -198,20 +198,9 @@ class Calibration:
     # -- plans -------------------------------------------------------------------------------
 
     def check_plan(self, plan: Plan) -> None:
-        unknown = sorted(set(plan.layers) - set(self.layers))
-        if unknown:
-            known = ", ".join(list(self.layers)[:8]) + (" ..." if len(self.layers) > 8 else "")
-            raise InvalidPlanError(
-                f"plan names layers that are not quantizable layers of this model: {unknown}; "
-                f"the model's are: {known}"
-            )
-        unknown = sorted(set(plan.tensors) - set(self.tensors))
-        if unknown:
-            known = ", ".join(list(self.tensors)[:8]) + (" ..." if len(self.tensors) > 8 else "")
-            raise InvalidPlanError(
-                f"plan `tensors` names sites that are not tensors quanttune can quantize in this model: {unknown}; "
-                f"the model's are: {known or 'none'}"
-            )
+        _check_known(plan.layers, self.layers, "plan names layers that are not quantizable layers of this model")
+        _check_known(plan.tensors, self.tensors,
+                     "plan `tensors` names sites that are not tensors quanttune can quantize in this model")
         for name, config in plan.layers.items():
             if config.int8 and config.smooth and self.layers[name].weight_only:
                 raise InvalidPlanError(
@@ -239,6 +228,13 @@ class Calibration:
             "int8_bytes": self.model_bytes - 3 * int8_params + scales,
             "fp32_bytes": self.model_bytes,
         }
+
+
+def _check_known(named: Any, known: Any, what: str) -> None:
+    unknown = sorted(set(named) - set(known))
+    if unknown:
+        some = ", ".join(list(known)[:8]) + (" ..." if len(known) > 8 else "")
+        raise InvalidPlanError(f"{what}: {unknown}; the model's are: {some or 'none'}")
 
 
 def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
