@@ -112,7 +112,8 @@ def test_uploaded_data_and_top1_job_succeeds_with_artifacts(service: TestClient)
     floats = [n for n, k in checked["kernels"]["layers"].items() if k["planned"] == "int8" and not k["int8"]]
     assert [f["layer"] for f in deployment["float_layers"]] == floats
     assert all(f["reason"].startswith("runs as a float") for f in deployment["float_layers"])
-    assert deployment["int8_macs_planned"] == pytest.approx(job["coverage"])
+    planned = report["coverage"].get("planned_macs", report["coverage"]["macs"])  # share of MACs the plan keeps INT8
+    assert deployment["int8_macs_planned"] == pytest.approx(planned)
     assert [(r["batch"], r["threads"]) for r in deployment["latency"]] == [(1, 1), (100, 1), (1, "all"), (100, "all")]
     assert all(r["fp32_ms"] > 0 and r["int8_ms"] > 0 for r in deployment["latency"])
     assert deployment["latency"] == checked["latency"]["rows"]
