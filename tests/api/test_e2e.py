@@ -18,7 +18,7 @@ from tests.support import Processes, submit, wait_http, wait_job
 
 pytestmark = pytest.mark.slow
 
-NAIVE = {"activation": ["max"], "scheme": ["symmetric"], "weights": ["per_tensor"], "smooth": False}  # breaks 1%
+NAIVE = {"activation": ["max"], "scheme": ["affine"], "weights": ["per_tensor"], "smooth": False}  # breaks 1%
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 from tests.support import Processes, ServerProcess, pythonpath, user_package
 DIGITS = {"model": "tuner.examples.digits:build_model", "calibration": "tuner.examples.digits:calibration_data",
           "evaluate": "tuner.examples.digits:evaluate"}
-NAIVE = {"activation": ["max"], "scheme": ["symmetric"], "weights": ["per_tensor"], "smooth": False}  # breaks 1%
+NAIVE = {"activation": ["max"], "scheme": ["affine"], "weights": ["per_tensor"], "smooth": False}  # breaks 1%
 
 FAULTS = '''
 import os

@@ -21,7 +21,7 @@ from tuner.examples import digits
 from worker import Worker
 from worker.runner import build_inputs
 
-NAIVE = {"activation": ["max"], "scheme": ["symmetric"], "weights": ["per_tensor"], "smooth": False}  # breaks 1%
+NAIVE = {"activation": ["max"], "scheme": ["affine"], "weights": ["per_tensor"], "smooth": False}  # breaks 1%
 SQLITE = pytest.mark.parametrize("migrated_db", ["sqlite"], indirect=True)
 
 
