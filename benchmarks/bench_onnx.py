@@ -1,6 +1,7 @@
 """Deployable INT8: latency, file size and accuracy of the ONNX QDQ export on ONNX Runtime.
 
-    python benchmarks/bench_onnx.py [--runs 20] [--threads 1 2] [--cases digits_cnn cnn64 ...] [--json out.json]
+    python benchmarks/bench_onnx.py [--runs 20] [--threads 1 2] [--cases digits_cnn resnet18 ...] [--json out.json]
+    python benchmarks/bench_onnx.py --quick     # does the harness work? 5 runs, 1 thread, no MiniLM
 
 Cases: `digits_cnn` and `minilm_wordsim353` from ../shared/bench/<case>/case.py (skipped when that
 folder is absent), and `cnn64`: three 64-channel 3x3 convolutions on 32x3x64x64 inputs followed by a
@@ -19,6 +20,16 @@ embeddings change in file size and latency.
 For the bench cases, `tune(max_drop=0.002)` also runs (defaults otherwise, ONNX check on): the accuracy
 target (simulated and deployed metric within 0.2% of the FP32 baseline) is checked on the plan it
 picks, and the fixed plan's drops are printed beside it.
+
+Vision cases `resnet18` and `mobilenet_v2`: torchvision's ResNet-18 and MobileNetV2 at full size
+(faithful copies, `tuner.examples.vision`), first conv on 1 channel, trained on the digits upsampled
+to 32x32 for a fixed budget (weights cached under --cache-dir, so only the first run trains). Each
+goes through what a user runs, `tune(model, batches, evaluate, max_drop=0.01)`, and is compared
+with ONNX Runtime's own `quantize_static` (QDQ, per-channel INT8 weights, UINT8 activations,
+MinMax, on the same FP32 ONNX export after ORT's `quant_pre_process`): accuracy (FP32, tuned
+simulated and deployed, ORT static), INT8 kernels in ONNX Runtime's optimized graph against the
+planned INT8 layers, file sizes, and latency of torch FP32, ORT FP32, the tuned INT8 file and ORT's
+static INT8 file timed in turns at batch 1 and 32.
 """
 
 from __future__ import annotations
@@ -44,12 +55,28 @@ import onnx.numpy_helper  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 from tuner import LayerConfig, Plan, apply_plan, calibrate, export_onnx, load_onnx, tune  # noqa: E402
+from tuner.examples.vision import build_model, digits_data, train_on_digits  # noqa: E402
 from tuner.onnx_runtime import latency, session_options  # noqa: E402
 
 BENCH = pathlib.Path(os.environ.get("QUANTTUNE_BENCH_DIR", ROOT.parent / "shared" / "bench"))
 CONFIG = LayerConfig(activation="mse", weights="per_channel")
 INT8_KERNELS = ("QLinearConv", "QGemm", "MatMulIntegerToFloat", "QLinearMatMul", "ConvInteger", "MatMulInteger")
 TARGET_SPEEDUP, TARGET_SIZE, TARGET_DROP = 1.8, 0.30, 0.002
+CACHE = pathlib.Path(os.environ.get("QUANTTUNE_CACHE_DIR", pathlib.Path.home() / ".cache" / "quanttune" / "bench"))
+VISION_SIZE, VISION_BATCHES = 32, (1, 32)
+VISION = {  # case -> (architecture in tuner.examples.vision at torchvision's full size, training budget)
+    "resnet18": ("resnet18", {"epochs": 4, "lr": 3e-3}),
+    "mobilenet_v2": ("mobilenet_v2", {"epochs": 6, "lr": 1e-2}),
+}
+CASES = {
+    "digits_cnn": "3-conv CNN on the 8x8 digits (../shared/bench), fully INT8 plan + tune(max_drop=0.002)",
+    "minilm_wordsim353": "MiniLM sentence encoder on WordSim-353 (../shared/bench), same",
+    "cnn64": "three 64-channel convs + linear on 32x3x64x64 random inputs, random weights, fully INT8 plan",
+    "cnn64-bare": "the same convs without the linear classifier",
+    "resnet18": "torchvision's ResNet-18, 1x32x32 digits: tune(max_drop=0.01) vs ORT quantize_static",
+    "mobilenet_v2": "torchvision's MobileNetV2 (width 1.0), 1x32x32 digits: same",
+}
+QUICK_CASES = [c for c in CASES if c != "minilm_wordsim353"]  # MiniLM alone takes minutes
 
 
 class CNN64(nn.Module):
@@ -98,12 +125,17 @@ def cases(names: list[str]):
         yield name, case.build_model(), batches, batches[0], case.evaluate
 
 
-def kernel_report(path: pathlib.Path, tmp: pathlib.Path) -> Counter:
-    """The operators ONNX Runtime runs after its graph optimizations."""
+def optimized_graph(path: pathlib.Path, tmp: pathlib.Path) -> onnx.GraphProto:
+    """The graph ONNX Runtime (CPU) runs after all its optimizations, QDQ fusions included."""
     options = session_options(threads=1)
     options.optimized_model_filepath = str(tmp / "optimized.onnx")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    return onnx.load(options.optimized_model_filepath).graph
+
+
+def kernel_report(path: pathlib.Path, tmp: pathlib.Path) -> Counter:
+    """The operators ONNX Runtime runs after its graph optimizations."""
+    return Counter(n.op_type for n in optimized_graph(path, tmp).node)
 
 
 def layer_bytes(path: pathlib.Path, layers: list[str]) -> int:
@@ -183,6 +215,129 @@ def tuned_row(model, batches, evaluate) -> dict:
             "evaluations": result.evaluations, "int8_bytes": len(result.onnx or b""), "plan": result.plan.to_dict()}
 
 
+class Session:
+    """A plain ONNX Runtime session (a file quanttune did not export, such as ORT's quantize_static
+    output) called like the model: one image batch in, logits out."""
+
+    def __init__(self, path: pathlib.Path, threads: int | None):
+        self.session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])
+
+
+def trained_vision_model(name: str, cache_dir: pathlib.Path) -> nn.Module:
+    """The case's model trained on the digits at VISION_SIZE (seeded), from the cache when it is there."""
+    arch, budget = VISION[name]
+    model = build_model(arch)
+    path = cache_dir / f"{name}-digits{VISION_SIZE}-e{budget['epochs']}-lr{budget['lr']}.pt"
+    if path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    print(f"[{name}] training on the digits at {VISION_SIZE}x{VISION_SIZE} ({budget}), cached in {path} ...",
+          flush=True)
+    start, threads = time.perf_counter(), torch.get_num_threads()
+    torch.set_num_threads(1)  # the same weights on every machine; and on a busy one, 2 threads ran 10x slower
+    try:
+        train_on_digits(model, image_size=VISION_SIZE, **budget)
+    finally:
+        torch.set_num_threads(threads)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    print(f"[{name}] trained in {time.perf_counter() - start:.0f} s", flush=True)
+    return model
+
+
+def ort_quantize_static(fp32_path: pathlib.Path, batches: list[torch.Tensor], tmp: pathlib.Path) -> pathlib.Path:
+    """ONNX Runtime's own static quantization of the FP32 file, as its documentation does it:
+    `quant_pre_process` (shape inference, graph optimizations such as Conv+BatchNorm fusion), then
+    `quantize_static` (QDQ, per-channel INT8 weights, UINT8 activations, MinMax) on our batches."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quant_pre_process, quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, name: str):
+            self.feeds = iter([{name: b.numpy()} for b in batches])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    prepared = tmp / f"{fp32_path.stem}-prepared.onnx"
+    quant_pre_process(str(fp32_path), str(prepared))
+    output = tmp / f"{fp32_path.stem.removesuffix('-fp32')}-ort-static.onnx"
+    quantize_static(str(prepared), str(output), Reader(onnx.load(str(prepared)).graph.input[0].name),
+                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+    return output
+
+
+def int8_kernels(graph: onnx.GraphProto) -> dict:
+    """INT8 compute kernels (conv/gemm/matmul) and other quantized ops (QLinearAdd, ...) in a graph."""
+    ops = Counter(n.op_type for n in graph.node)
+    return {"int8": sum(ops[k] for k in INT8_KERNELS), "kernels": {k: ops[k] for k in INT8_KERNELS if ops[k]},
+            "other_quantized": {k: v for k, v in sorted(ops.items()) if k.startswith("QLinear") and k not in
+                                INT8_KERNELS},
+            "float": {k: ops[k] for k in ("Conv", "FusedConv", "Gemm", "MatMul", "FusedGemm", "BatchNormalization")
+                      if ops[k]}}
+
+
+def float_layers(graph: onnx.GraphProto, layers: list[str]) -> list[str]:
+    """The named INT8 layers whose int8 weight `<layer>.weight` no INT8 kernel consumes."""
+    consumers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    return [layer for layer in layers if not consumers.get(f"{layer}.weight", set()) & set(INT8_KERNELS)]
+
+
+def run_vision_case(name: str, args, tmp: pathlib.Path) -> dict:
+    model = trained_vision_model(name, args.cache_dir)
+    batches, evaluate = digits_data(VISION_SIZE)
+    start = time.perf_counter()
+    print(f"[{name}] tune(max_drop=0.01) ...", flush=True)
+    result = tune(model, batches, evaluate, max_drop=0.01, verbose=False)
+    tune_seconds = time.perf_counter() - start
+    int8_path = tmp / f"{name}-quanttune.onnx"
+    if result.onnx is not None:  # the very file tune verified
+        int8_path.write_bytes(result.onnx)
+    else:
+        result.export_onnx(int8_path)
+    fp32_path = export_onnx(model, Plan(), result.calibration, tmp / f"{name}-fp32.onnx")
+    static_path = ort_quantize_static(fp32_path, batches, tmp)
+    graph = optimized_graph(int8_path, tmp)
+    static_graph = optimized_graph(static_path, tmp)
+    row = {
+        "case": name, "layers": len(result.calibration.layers),
+        "tune": {"met": result.met, "evaluations": result.evaluations, "int8_layers": len(result.int8_layers),
+                 "fp32_layers": result.fp32_layers, "seconds": tune_seconds, "warnings": result.warnings},
+        "quanttune_kernels": {**int8_kernels(graph), "float_layers": float_layers(graph, result.int8_layers)},
+        "static_kernels": int8_kernels(static_graph),
+        "bytes": {"fp32": fp32_path.stat().st_size, "quanttune": int8_path.stat().st_size,
+                  "ort_static": static_path.stat().st_size},
+        "accuracy": {"fp32": result.baseline, "simulated": result.score, "deployed": result.deployed_score,
+                     "ort_static": float(evaluate(Session(static_path, threads=max(args.threads))))},
+        "latency": {},
+    }
+    torch_threads = torch.get_num_threads()
+    try:
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            models = {"torch_fp32": model, "ort_fp32": load_onnx(fp32_path, threads=threads),
+                      "quanttune": load_onnx(int8_path, threads=threads), "ort_static": Session(static_path, threads)}
+            for size in VISION_BATCHES:
+                timed = latency(models, batches[0][:size], runs=args.runs, warmup=3)
+                t = {k: v["median"] * 1000 for k, v in timed.items()}
+                t["quanttune_vs_fp32"] = t["ort_fp32"] / t["quanttune"]
+                t["static_vs_fp32"] = t["ort_fp32"] / t["ort_static"]
+                t["quanttune_vs_static"] = t["ort_static"] / t["quanttune"]
+                row["latency"][f"{threads}/{size}"] = t
+    finally:
+        torch.set_num_threads(torch_threads)
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
 def print_markdown(header: list[str], lines) -> None:
     """One markdown table: a header row, its rule, then one row per list of cells."""
     print("| " + " | ".join(header) + " |")
@@ -236,7 +391,6 @@ def print_table(rows: list[dict], threads: list[int]) -> None:
 
 
 def print_targets(rows: list[dict]) -> None:
-    print("\nTargets (drop = (baseline - x) / |baseline|; a negative drop is a gain):")
     for r in rows:
         checks = []
         if r["case"] == "cnn64" and 1 in r["latency"]:
@@ -255,29 +409,110 @@ def print_targets(rows: list[dict]) -> None:
         print(f"  {r['case']}: " + "; ".join(checks))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", nargs="+", default=["digits_cnn", "minilm_wordsim353", "cnn64", "cnn64-bare"])
-    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--runs", type=int, default=20)
+def print_vision(rows: list[dict]) -> None:
+    print("\nVision cases (full-size torchvision architectures, 1x32x32 digits), each model timed in turns "
+          "(ms, median); speed-ups against ORT FP32, and quanttune against ORT's quantize_static:")
+    print_markdown(
+        ["case", "threads", "batch", "torch FP32", "ORT FP32", "quanttune INT8", "ORT static INT8",
+         "quanttune vs FP32", "static vs FP32", "quanttune vs static"],
+        ([r["case"], *key.split("/"), f"{t['torch_fp32']:.2f}", f"{t['ort_fp32']:.2f}", f"{t['quanttune']:.2f}",
+          f"{t['ort_static']:.2f}", f"{t['quanttune_vs_fp32']:.2f}x", f"{t['static_vs_fp32']:.2f}x",
+          f"{t['quanttune_vs_static']:.2f}x"] for r in rows for key, t in r["latency"].items()))
+    print()
+
+    def kernels(k: dict, planned: int | str) -> str:
+        other = ", ".join(f"{v} {op}" for op, v in k["other_quantized"].items())
+        left = ", ".join(f"{v} {op}" for op, v in k["float"].items())
+        return f"{k['int8']}/{planned}" + (f" (+{other})" if other else "") + (f"; float: {left}" if left else "")
+
+    print_markdown(
+        ["case", "tune", "FP32 acc", "simulated", "deployed", "ORT static", "INT8 kernels / planned INT8 (quanttune)",
+         "INT8 kernels / Conv+Linear (static)", "FP32 file", "quanttune file", "static file"],
+        ([r["case"], f"{'met' if t['met'] else 'MISSED'}, {t['evaluations']} evals, {len(t['fp32_layers'])} FP32, "
+          f"{t['seconds']:.0f} s", f"{a['fp32']:.2f}", f"{a['simulated']:.2f}",
+          "-" if a["deployed"] is None else f"{a['deployed']:.2f}", f"{a['ort_static']:.2f}",
+          kernels(r["quanttune_kernels"], t["int8_layers"]), kernels(r["static_kernels"], r["layers"]),
+          f"{b['fp32'] / 1e6:.2f} MB", f"{b['quanttune'] / 1e6:.2f} MB ({b['quanttune'] / b['fp32']:.1%})",
+          f"{b['ort_static'] / 1e6:.2f} MB ({b['ort_static'] / b['fp32']:.1%})"]
+         for r in rows for t, a, b in [(r["tune"], r["accuracy"], r["bytes"])]))
+    for r in rows:
+        if r["quanttune_kernels"]["float_layers"]:
+            print(f"  {r['case']}: planned INT8 but run in float: {', '.join(r['quanttune_kernels']['float_layers'])}")
+        for warning in r["tune"]["warnings"]:
+            print(f"  {r['case']}: tune warned: {warning}")
+
+
+def print_vision_targets(rows: list[dict]) -> None:
+    for r in rows:
+        t, a, lat = r["tune"], r["accuracy"], r["latency"]
+        checks = [f"tune {'met' if t['met'] else 'MISSED'} 1% in {t['evaluations']} evaluations (<= 3: "
+                  f"{'PASS' if t['met'] and t['evaluations'] <= 3 else 'FAIL'})"]
+        running = t["int8_layers"] - len(r["quanttune_kernels"]["float_layers"])
+        checks.append(f"{running}/{t['int8_layers']} planned INT8 layers run INT8 kernels "
+                      f"({'PASS' if running == t['int8_layers'] else 'FAIL'})")
+        if a["deployed"] is not None:
+            gap = abs(a["deployed"] - a["simulated"]) / abs(a["fp32"])
+            checks.append(f"deployed vs simulated {gap:.3%} of the baseline (<= {TARGET_DROP:.1%}: "
+                          f"{'PASS' if gap <= TARGET_DROP else 'FAIL'})")
+        for key, v in lat.items():
+            if key.startswith("1/"):
+                checks.append(f"batch {key[2:]}, 1 thread: {v['quanttune_vs_static']:.2f}x static (>= 1: "
+                              f"{'PASS' if v['quanttune_vs_static'] >= 1 else 'FAIL'})")
+        if r["case"] == "resnet18" and "1/1" in lat:
+            s = lat["1/1"]["quanttune_vs_fp32"]
+            checks.append(f"{s:.2f}x FP32 at batch 1, 1 thread (>= {TARGET_SPEEDUP}x: "
+                          f"{'PASS' if s >= TARGET_SPEEDUP else 'FAIL'})")
+        print(f"  {r['case']}: " + "; ".join(checks))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="cases:\n" + "\n".join(f"  {c:<18} {text}" for c, text in CASES.items()))
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), metavar="CASE",
+                        help=f"the cases to run (default: all; with --quick: {' '.join(QUICK_CASES)})")
+    parser.add_argument("--threads", nargs="+", type=int, help="intra-op thread counts to time (default: 1 2; "
+                        "with --quick: 1)")
+    parser.add_argument("--runs", type=int, help="timed runs per figure, median reported (default: 20; with "
+                        "--quick: 5)")
+    parser.add_argument("--quick", action="store_true", help="check that the harness works, fast: 5 runs, 1 thread, "
+                        "no MiniLM (unless --cases/--threads/--runs say otherwise); figures not for the README")
+    parser.add_argument("--cache-dir", type=pathlib.Path, default=CACHE,
+                        help=f"where the vision cases' trained weights are cached (default: {CACHE}, or "
+                        "$QUANTTUNE_CACHE_DIR)")
     parser.add_argument("--json", type=pathlib.Path, help="also write the rows as JSON here")
     args = parser.parse_args()
+    args.cases = args.cases or (QUICK_CASES if args.quick else list(CASES))
+    args.threads = args.threads or ([1] if args.quick else [1, 2])
+    args.runs = args.runs or (5 if args.quick else 20)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.runs < 20:
         print(f"note: --runs {args.runs} is below the 20 runs the targets are stated for")
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}")
-    rows = []
+    rows, vision_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, model, batches, timing_batch, evaluate in cases(args.cases):
+        for name, model, batches, timing_batch, evaluate in cases([c for c in args.cases if c not in VISION]):
             print(f"[{name}] calibrating, exporting, timing ...", flush=True)
             rows.append(run_case(name, model, batches, timing_batch, evaluate, args, pathlib.Path(tmp)))
             print(f"[{name}] done in {rows[-1]['seconds']:.0f} s", flush=True)
-    print_table(rows, args.threads)
+        for name in (c for c in args.cases if c in VISION):
+            vision_rows.append(run_vision_case(name, args, pathlib.Path(tmp)))
+            print(f"[{name}] done in {vision_rows[-1]['seconds']:.0f} s", flush=True)
+    if rows:
+        print_table(rows, args.threads)
+    if vision_rows:
+        print_vision(vision_rows)
+    print("\nTargets (drop = (baseline - x) / |baseline|; a negative drop is a gain):")
     print_targets(rows)
+    print_vision_targets(vision_rows)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
-
+        args.json.write_text(json.dumps({"cases": rows, "vision": vision_rows}, indent=2, default=str))
 
 if __name__ == "__main__":
     main()

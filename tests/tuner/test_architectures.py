@@ -76,7 +76,7 @@ def data():
 
 
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
-def trained(request, data):
+def trained(request):
     """(name, trained model) for each architecture."""
     torch.manual_seed(0)
     model = train_on_digits(ARCHITECTURES[request.param](), epochs=4, image_size=IMAGE_SIZE, batch_size=128, lr=1e-2)

@@ -31,7 +31,8 @@ def _splits(image_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
     return resize(x), y, resize(x_test), y_test
 
 
-def digits_data(image_size: int = 32, *, batch_size: int = 256) -> tuple[list[torch.Tensor], Callable[[nn.Module], float]]:
+def digits_data(image_size: int = 32, *,
+                batch_size: int = 256) -> tuple[list[torch.Tensor], Callable[[nn.Module], float]]:
     """(calibration batches, evaluate): 4 batches of 32 training images [32, 1, image_size, image_size]
     (the same images as `digits.calibration_data`), and evaluate(model) -> top-1 accuracy (%) on the
     540 held-out images, run `batch_size` at a time."""
