@@ -142,10 +142,11 @@ def _layer_of(node: torch.fx.Node, params: dict[str, str], layers: set[str]) -> 
 
 
 def _batchnorm_of(node: torch.fx.Node, params: dict[str, str]) -> str | None:
-    """The BatchNorm module of a batch_norm node (from its running mean's name)."""
+    """The BatchNorm module of a batch_norm node (from its running mean's name), when that
+    BatchNorm runs only here (a shared one cannot be folded into one conv)."""
     for arg in node.args[1:5]:
         if isinstance(arg, torch.fx.Node) and params.get(arg.name, "").endswith(".running_mean"):
-            return params[arg.name][: -len(".running_mean")]
+            return params[arg.name][: -len(".running_mean")] if len(arg.users) == 1 else None
     return None
 
 
@@ -187,7 +188,7 @@ def _analyse(program: torch.export.ExportedProgram, layers: set[str]) -> ModelGr
         users = list(node.users)
         if len(nodes) == 1 and len(users) == 1 and op_name(users[0]) in BATCHNORM_OPS:
             bn = _batchnorm_of(users[0], params)
-            if bn is not None and sum(1 for p in params.values() if p == f"{bn}.running_mean") == 1:
+            if bn is not None:
                 result.folds[name] = bn
                 node = users[0]
         if op_name(nodes[0]) in CONV_OPS and len(nodes) == 1:

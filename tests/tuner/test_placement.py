@@ -163,3 +163,26 @@ def test_tune_ledger_says_what_the_runtime_runs(resnet):
     assert ledger["layer1.0.conv1"]["output_quantized"] is None  # it feeds an INT8 conv: nothing to add
     assert all(entry["runs_float"] is None for entry in ledger.values())
     assert result.coverage["macs"] == result.coverage["planned_macs"] == 1.0
+
+
+def test_linear_batchnorm1d_is_folded_and_a_shared_batchnorm_is_not():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = nn.Linear(6, 8), nn.BatchNorm1d(8)
+            self.a, self.b, self.shared = nn.Conv1d(8, 4, 1), nn.Conv1d(8, 4, 1), nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            h = torch.relu(self.bn(self.fc(x))).unsqueeze(-1)
+            return self.shared(self.a(h)) + self.shared(self.b(h))  # one BatchNorm after two convs
+
+    model = _randomize_batchnorms(Model())
+    for bn in (model.bn, model.shared):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(16, 6)
+    calib = calibrate(model, [x])
+    assert calib.graph.folds == {"fc": "bn"}
+    assert isinstance(calib.model.bn, nn.Identity) and isinstance(calib.model.shared, nn.BatchNorm1d)
+    with torch.no_grad():
+        torch.testing.assert_close(calib.model(x), model(x), rtol=1e-4, atol=1e-5)
