@@ -22,19 +22,27 @@ def test_quanttune_demo_runs_the_service_end_to_end_and_writes_artifacts(tmp_pat
 
     report = json.loads((out / "report.json").read_text())
     assert report["met"] and report["deployed_score"] is not None and report["drop"] <= 0.01
-    assert set(report["ledger"]) == {"conv1", "conv2", "fc1", "fc2"}
+    assert set(report["ledger"]) == {"conv1", "conv2", "conv3", "conv4", "fc1", "fc2"}  # tuner.examples.digits_cnn
     for layer, entry in report["ledger"].items():  # every layer's decision is printed
         assert re.search(rf"{layer}\s+│[^│]+│\s+{re.escape(entry['decision'])}\s", stdout), layer
     assert (out / "model.onnx").stat().st_size > 0
     # the worker's deployed check, printed: INT8 kernels x/y, and FP32 vs INT8 per batch size and threads
     deployment = report["deployment"]
     kernels = deployment["kernels"]
-    assert kernels["planned_int8"] == 4 and kernels["running_int8"] == 4  # every digits layer runs an INT8 kernel
+    assert kernels["planned_int8"] == len(report["int8_layers"]) > 0
+    assert kernels["running_int8"] == kernels["planned_int8"]  # every INT8 layer runs an INT8 kernel
     assert f"ONNX Runtime: {kernels['running_int8']}/{kernels['planned_int8']} planned INT8 layers run INT8 kernels" \
         in stdout
     assert "deployed on ONNX Runtime (CPU)" in stdout and len(deployment["latency"]["rows"]) == 4
-    for row in deployment["latency"]["rows"]:
-        assert f"{row['speedup']:.2f}x at batch {row['batch']}" in stdout
+    # the speed-up line: one figure per batch size and thread setting, those of the report (timings vary
+    # with the machine's load, so only their presence and agreement are checked, never a threshold)
+    line = re.search(r"INT8 vs FP32 on ONNX Runtime: (.+)", stdout).group(1)
+    speedups = re.findall(r"([\d.]+)x at batch (\d+) \((1 thread|all threads)\)", line)
+    assert speedups == [(f"{r['speedup']:.2f}", str(r["batch"]), "1 thread" if r["threads"] == 1 else "all threads")
+                        for r in deployment["latency"]["rows"]]
+    assert {(int(b), t) for _, b, t in speedups} == {(1, "1 thread"), (1, "all threads"), (32, "1 thread"),
+                                                     (32, "all threads")}  # batch 1 and the calibration batch
+    for row in deployment["latency"]["rows"]:  # and the table, one row each
         assert re.search(rf"│\s+{row['batch']} │ {row['threads']}\s+│\s+{row['fp32_ms']:.3f} │\s+{row['int8_ms']:.3f} │",
                          stdout), stdout[-3000:]
     assert not (out / "model-fp32.onnx").exists()  # no second measurement: the worker's is reused
