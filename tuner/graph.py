@@ -169,10 +169,10 @@ def read_graph(model: nn.Module, example: Any, layers: set[str]) -> ModelGraph |
                       f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): BatchNorm is "
                       "not folded and only layer inputs are quantized", stacklevel=3)
         return None
-    return _analyse(program, layers)
+    return _analyse(program, layers, model)
 
 
-def _analyse(program: torch.export.ExportedProgram, layers: set[str]) -> ModelGraph:
+def _analyse(program: torch.export.ExportedProgram, layers: set[str], model: nn.Module) -> ModelGraph:
     graph = program.graph
     params = _param_names(program)
     scopes = _Scopes(graph)
@@ -188,13 +188,13 @@ def _analyse(program: torch.export.ExportedProgram, layers: set[str]) -> ModelGr
         users = list(node.users)
         if len(nodes) == 1 and len(users) == 1 and op_name(users[0]) in BATCHNORM_OPS:
             bn = _batchnorm_of(users[0], params)
-            if bn is not None:
+            if bn is not None and _foldable(model, bn):
                 result.folds[name] = bn
                 node = users[0]
         if op_name(nodes[0]) in CONV_OPS and len(nodes) == 1:
             out_node[node] = name
     for node, name in out_node.items():
-        result.conv_outputs[name] = _conv_output(name, node, scopes, params, layers)
+        result.conv_outputs[name] = _conv_output(name, node, layer_nodes[name][0], scopes, params, layers)
     result.joins = _joins(graph, scopes, out_node)
     for site in result.sites:
         result.direct_inputs[site] = []
@@ -236,14 +236,15 @@ def _readers(node: torch.fx.Node, params: dict[str, str], layers: set[str]) -> t
     return consumers, others
 
 
-def _conv_output(name: str, node: torch.fx.Node, scopes: _Scopes, params: dict[str, str],
+def _conv_output(name: str, node: torch.fx.Node, call: torch.fx.Node, scopes: _Scopes, params: dict[str, str],
                  layers: set[str]) -> ConvOutput:
+    """`node` is the conv's output (its folded BatchNorm's, when folded), `call` the conv call."""
     activated = _activated(node)
     consumers, others = _readers(activated, params, layers)
     site = scopes.site_of(activated)
     fused = site is not None and activated is not node
-    if site is None and activated is not node:  # quantize before the activation: still an INT8 conv
-        site = scopes.site_of(node)
+    for earlier in (node, call):  # else before the activation, else at the conv itself: still INT8
+        site = site or scopes.site_of(earlier)
     reason = None if site else "no module returns this convolution's output by itself"
     return ConvOutput(name, site, consumers, others, fused, reason)
 
@@ -288,24 +289,62 @@ def _direct_inputs(graph: torch.fx.Graph, scopes: _Scopes, params: dict[str, str
 # -- BatchNorm folding -----------------------------------------------------------------------
 
 
+def _foldable(model: nn.Module, bn: str) -> bool:
+    """A real BatchNorm module, or (in a torch.export archive's GraphModule) a batch_norm call
+    on parameters that the graph holds once."""
+    return isinstance(model.get_submodule(bn), nn.modules.batchnorm._BatchNorm) or _graph_call(model, bn) is not None
+
+
+def _graph_call(model: nn.Module, bn: str) -> torch.fx.Node | None:
+    """The one eval-mode `aten.batch_norm` call of a GraphModule reading `<bn>.running_mean`."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return None
+    calls = [n for n in model.graph.nodes if n.op == "call_function" and op_name(n) == "batch_norm"
+             and getattr(n.args[3], "target", None) == f"{bn}.running_mean" and n.args[5] is False]
+    return calls[0] if len(calls) == 1 else None
+
+
+def _batchnorm_numbers(model: nn.Module, bn: str) -> tuple[torch.Tensor, ...]:
+    """(running mean, running variance, gamma, beta, eps) of a BatchNorm module or graph call."""
+    module = model.get_submodule(bn)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        mean, var, eps = module.running_mean, module.running_var, module.eps
+    else:
+        call = _graph_call(model, bn)
+        mean, var, eps = model.get_buffer(f"{bn}.running_mean"), model.get_buffer(f"{bn}.running_var"), call.args[7]
+    gamma = getattr(module, "weight", None)
+    beta = getattr(module, "bias", None)
+    return (mean, var, gamma if gamma is not None else torch.ones_like(mean),
+            beta if beta is not None else torch.zeros_like(mean), eps)
+
+
+def _drop_batchnorm(model: nn.Module, bn: str) -> None:
+    """Take the folded BatchNorm out of the model: an Identity module, or its call out of the graph."""
+    if isinstance(model.get_submodule(bn), nn.modules.batchnorm._BatchNorm):
+        parent, _, child = bn.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+        return
+    call = _graph_call(model, bn)
+    call.replace_all_uses_with(call.args[0])
+    model.graph.erase_node(call)
+    model.recompile()
+
+
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module, folds: dict[str, str]) -> nn.Module:
     """A copy of `model` with each BatchNorm in `folds` folded into its conv/linear (eval-mode
     statistics) and replaced by `nn.Identity`; the caller's model is not modified."""
     folded = copy.deepcopy(model)
     for layer_name, bn_name in folds.items():
-        layer, bn = folded.get_submodule(layer_name), folded.get_submodule(bn_name)
-        if bn.running_mean is None:  # batch statistics at inference: nothing fixed to fold
+        layer = folded.get_submodule(layer_name)
+        mean, var, gamma, beta, eps = _batchnorm_numbers(folded, bn_name)
+        if mean is None:  # batch statistics at inference: nothing fixed to fold
             continue
-        std = torch.sqrt(bn.running_var + bn.eps)
-        gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
-        beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
-        factor = gamma / std
+        factor = gamma / torch.sqrt(var + eps)
         weight = layer.weight * factor.reshape(-1, *([1] * (layer.weight.dim() - 1)))
-        bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+        bias = layer.bias if layer.bias is not None else torch.zeros_like(mean)
         layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-        layer.bias = nn.Parameter(((bias - bn.running_mean) * factor + beta).detach().clone(), requires_grad=False)
-        parent, _, child = bn_name.rpartition(".")
-        setattr(folded.get_submodule(parent) if parent else folded, child, nn.Identity())
+        layer.bias = nn.Parameter(((bias - mean) * factor + beta).detach().clone(), requires_grad=False)
+        _drop_batchnorm(folded, bn_name)
     return folded.eval()
 

@@ -186,3 +186,21 @@ def test_linear_batchnorm1d_is_folded_and_a_shared_batchnorm_is_not():
     assert isinstance(calib.model.bn, nn.Identity) and isinstance(calib.model.shared, nn.BatchNorm1d)
     with torch.no_grad():
         torch.testing.assert_close(calib.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_loaded_from_a_torch_export_archive_is_folded_too(resnet, tmp_path):
+    from tuner import export_model, load_exported
+
+    model, batches, _, _ = resnet
+    path = export_model(model, batches[0], tmp_path / "model.pt2")
+    loaded = load_exported(path)  # its BatchNorms are calls on parameters held by plain Modules
+    calib = calibrate(loaded, batches)
+    assert calib.graph.folds == resnet[2].graph.folds  # folded in the graph: its batch_norm calls are gone
+    plan = layer_report(loaded, calib).best_plan()
+    with torch.no_grad():
+        x = batches[0]
+        assert (apply_plan(loaded, plan, calib)(x) - model(x)).abs().max() <= 0.1 * model(x).abs().max()
+    assert not any("batch_norm" in str(n.target) for n in calib.model.graph.nodes)
+    assert any("batch_norm" in str(n.target) for n in loaded.graph.nodes)  # the caller's module untouched
+    ops = optimized_ops(export_onnx(loaded, plan, calib, tmp_path / "archive.onnx"), tmp_path)
+    assert ops["QLinearConv"] == 5 and ops["Conv"] == 0 and ops["BatchNormalization"] == 0
