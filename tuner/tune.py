@@ -347,6 +347,9 @@ def tune(
         if on_trial is not None:
             on_trial(_trial_info(outcome, plans[outcome.plan_key], evaluations + baseline.evaluations, best))
     search_s = time.perf_counter() - start - prep_s
+    stopped = stopped or not _finisher(shared, stop_asked, log)
+    known.update(stored_outcomes(study, budget))
+    _remember(plans, known)
     baseline_value = baseline()  # known by now, unless the search stopped before it was (raises Stopped)
     evaluations += baseline.evaluations  # the baseline, if this process evaluated it
 
@@ -375,6 +378,20 @@ def tune(
     result.seconds["total"] = round(time.perf_counter() - start, 3)
     log(f"[quanttune] {'MET' if met else 'NOT MET'}: {reason}")
     return result
+
+
+def _finisher(shared: SharedStore, stop_asked: Callable[[], bool], log) -> bool:  # noqa: ANN001
+    """Whether this process verifies and returns the result: when several workers end the search,
+    one does; the others wait until it has (the job ends: `stop_asked`), or take over if it died."""
+    waiting = False
+    while not stop_asked():
+        if shared.claim("result"):
+            return True
+        if not waiting:
+            log("[quanttune] another worker is finishing this study: waiting for it")
+            waiting = True
+        time.sleep(WAIT_S)
+    return False
 
 
 def _remember(plans: dict[str, Plan], known: Mapping[str, Outcome]) -> None:
