@@ -5,7 +5,8 @@
 2. Otherwise the most sensitive layers fall back to FP32: 1, 2, 4, ... layers until the budget
    is met, then bisection between the last miss and the first hit finds the fewest.
 3. Then a few alternative global settings with one layer fewer in FP32, and finally Optuna's
-   TPE sampler over the whole space, until `patience` trials bring no better plan.
+   TPE sampler over the whole space, until `patience` trials bring no better plan (a space of one
+   INT8 setting has nothing to sample: a plan there is its fallback count).
 
 The sequence is a pure function of what the study knows, so a resumed or second worker replays
 it without re-evaluating anything. With several workers on one study, the points other workers
@@ -89,6 +90,8 @@ class Strategy:
             if any(state == "pending" for k, state in counts.items() if k < fewest) or any(
                     pending(p) for p in self._alternatives(max(fewest - 1, 0))):
                 return WAIT
+        if len(self.space.settings()) == 1:  # one INT8 setting: a plan is its fallback count, and the
+            return None                        # bisection has found the fewest: nothing left to sample
         if self._stale(known):
             return None
         return SAMPLE

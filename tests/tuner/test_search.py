@@ -35,7 +35,18 @@ def test_one_worker_doubles_then_bisects_then_samples():
     assert fallback(strategy.next_point(outcomes(6, 0, 1, 2, 4))) == 8
     assert fallback(strategy.next_point(outcomes(6, 0, 1, 2, 4, 8))) == 6  # bisect (4, 8)
     assert fallback(strategy.next_point(outcomes(6, 0, 1, 2, 4, 8, 6))) == 5
-    assert strategy.next_point(outcomes(6, 0, 1, 2, 4, 8, 6, 5)) == SAMPLE  # 6 is the fewest: nothing to bisect
+    # 6 is the fewest; with one INT8 setting a plan is its fallback count: nothing left to sample
+    assert strategy.next_point(outcomes(6, 0, 1, 2, 4, 8, 6, 5)) is None
+
+
+def test_with_several_settings_alternatives_then_the_sampler_follow_the_bisection():
+    space = SearchSpace.from_dict({**NAIVE.to_dict(), "activation": ["max", "mse"]})
+    strategy = Strategy(space, 4, key)
+    known = {key(space.point(k)): o for k, o in zip((0, 1), outcomes(1, 0, 1).values())}
+    alternative = strategy.next_point(known)
+    assert alternative == space.point(0, activation="mse", smooth=False)
+    known[key(alternative)] = Outcome(9, "COMPLETE", key(alternative), 1.0, 0.5, 1.0, False, None, 1.0, 0.0)
+    assert strategy.next_point(known) == SAMPLE
 
 
 def test_spare_workers_take_the_counts_that_would_follow_a_miss():
@@ -64,4 +75,4 @@ def test_no_sampling_while_a_pending_point_could_still_improve_the_best():
     strategy = Strategy(NAIVE, 16, key)
     known = outcomes(1, 0, 2)  # 2 met, 1 pending: it may meet with fewer layers in FP32
     assert strategy.next_point(known, {at(1)}) == WAIT
-    assert strategy.next_point(outcomes(1, 0, 2, 1)) == SAMPLE
+    assert strategy.next_point(outcomes(1, 0, 2, 1)) is None
