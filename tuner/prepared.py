@@ -7,7 +7,8 @@ entries in its database next to the job; `MemoryStore` keeps them for one proces
 
 - `load(name)` -> the stored bytes or None; `save(name, data)`;
 - `claim(name)` -> True when the caller should compute `name` now (atomic across processes: one
-  claimant at a time; a claim whose owner died is taken over), False while another computes it;
+  claimant at a time; a claim whose owner died is taken over; the owner may claim again), False
+  while another computes it or once it is stored;
 - `release(name)`: give a claim back without storing (the computation failed).
 
 `once(store, name, compute)` is the protocol's one use: load, else claim and compute, else wait.
@@ -59,11 +60,12 @@ class SharedStore(Protocol):
 
 
 class MemoryStore:
-    """Entries kept for the life of this object (one process)."""
+    """Entries kept for the life of this object (one process; a claim belongs to the thread that
+    took it, and taking it again is allowed)."""
 
     def __init__(self) -> None:
         self.entries: dict[str, bytes] = {}
-        self._claimed: set[str] = set()
+        self._claimed: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def load(self, name: str) -> bytes | None:
@@ -72,18 +74,18 @@ class MemoryStore:
     def save(self, name: str, data: bytes) -> None:
         with self._lock:
             self.entries[name] = data
-            self._claimed.discard(name)
+            self._claimed.pop(name, None)
 
     def claim(self, name: str) -> bool:
         with self._lock:
-            if name in self._claimed:
+            if name in self.entries or self._claimed.setdefault(name, threading.get_ident()) != threading.get_ident():
                 return False
-            self._claimed.add(name)
             return True
 
     def release(self, name: str) -> None:
         with self._lock:
-            self._claimed.discard(name)
+            if self._claimed.get(name) == threading.get_ident():
+                del self._claimed[name]
 
 
 def once(store: SharedStore, name: str, compute: Callable[[], bytes],

@@ -32,6 +32,7 @@ from .space import SearchSpace, plan_for
 from .study import Budget, Outcome, open_study, run_trial, running_plans, stored_outcomes, worker_label
 
 WAIT_S = 0.25  # how often a worker with nothing to evaluate looks for other workers' results
+FINISHER_CHECK_S = 5.0  # how often a worker waiting for the one finishing the study checks that it lives
 
 
 MAX_IDLE_IN_A_ROW = 8  # sampled trials in a row that were pruned or repeated a plan: the sampler is done
@@ -195,6 +196,13 @@ def _prepare(model: nn.Module, calibration: Iterable[Any], space: SearchSpace, s
     return (*computed[0], True)
 
 
+def _point_claim(plan_key: str) -> str:
+    """The shared claim on evaluating one plan (two workers choosing at once take different points)."""
+    import hashlib
+
+    return "point-" + hashlib.sha256(plan_key.encode()).hexdigest()[:24]
+
+
 def _space_key(space: SearchSpace) -> str:
     import hashlib
 
@@ -323,6 +331,9 @@ def tune(
                 time.sleep(WAIT_S)
                 continue
             propose = None if point == SAMPLE else point
+            if propose is not None and not shared.claim(_point_claim(strategy.key_of(propose))):
+                time.sleep(WAIT_S)  # another worker took this point a moment ago: it is pending now
+                continue
             best = _best(known.values())
             beat = best.coverage if propose is None and best is not None and best.met else None
             outcome = run_trial(study, lambda trial: space.suggest(trial, n_candidates), make_plan, build, evaluate,
@@ -384,13 +395,16 @@ def _finisher(shared: SharedStore, stop_asked: Callable[[], bool], log) -> bool:
     """Whether this process verifies and returns the result: when several workers end the search,
     one does; the others wait until it has (the job ends: `stop_asked`), or take over if it died."""
     waiting = False
+    next_claim = 0.0
     while not stop_asked():
-        if shared.claim("result"):
-            return True
+        if time.monotonic() >= next_claim:
+            if shared.claim("result"):
+                return True
+            next_claim = time.monotonic() + FINISHER_CHECK_S
         if not waiting:
             log("[quanttune] another worker is finishing this study: waiting for it")
             waiting = True
-        time.sleep(WAIT_S)
+        time.sleep(4 * WAIT_S)
     return False
 
 
