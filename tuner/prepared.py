@@ -115,7 +115,8 @@ def once(store: SharedStore, name: str, compute: Callable[[], bytes],
 def dump_prepared(calibration: Calibration, report: LayerReport) -> bytes:
     state = {
         "format": FORMAT,
-        "calibration": {"layers": _encode(calibration.layers), "seconds": calibration.seconds},
+        "calibration": {"layers": _encode(calibration.layers), "seconds": calibration.seconds,
+                        "tensors": _encode(getattr(calibration, "tensors", None) or {})},
         "report": {"layers": _encode(report.layers), "seconds": report.seconds},
     }
     buffer = io.BytesIO()
@@ -127,9 +128,33 @@ def load_prepared(data: bytes, model: nn.Module, batches: list[Any]) -> tuple[Ca
     state = torch.load(io.BytesIO(zlib.decompress(data)), weights_only=True)
     if state.get("format") != FORMAT:
         raise ValueError(f"prepared state of format {state.get('format')!r}, expected {FORMAT}")
-    calibration = Calibration(model, _decode(state["calibration"]["layers"]), batches, state["calibration"]["seconds"])
+    stored = state["calibration"]
+    calibration = _calibration(model, _decode(stored["layers"]), batches, stored["seconds"],
+                               _decode(stored.get("tensors", {"__dict__": {}})))
     report = LayerReport(_decode(state["report"]["layers"]), calibration, state["report"]["seconds"])
     return calibration, report
+
+
+def _calibration(model: nn.Module, layers: dict[str, Any], batches: list[Any], seconds: float,
+                 tensors: dict[str, Any]) -> Calibration:
+    """A `Calibration` from stored statistics. Where calibration also captures the model's graph
+    and folds its BatchNorms (`Calibration(..., source=, graph=, tensors=)`), that structure is
+    derived again here from the model (no data pass, no statistics): only statistics are stored."""
+    import inspect
+
+    if "graph" not in inspect.signature(Calibration).parameters:
+        return Calibration(model, layers, batches, seconds)
+    from .calibrate import quantizable_layers
+
+    graphs = importlib.import_module("tuner.graph")
+    was_training = model.training
+    model.eval()
+    try:
+        graph = graphs.read_graph(model, batches[0], set(quantizable_layers(model)))
+    finally:
+        model.train(was_training)
+    folded = graphs.fold_batchnorm(model, graph.folds) if graph is not None and graph.folds else model
+    return Calibration(folded, layers, batches, seconds, source=model, graph=graph, tensors=tensors)
 
 
 def dump_ranking(ranking: list[str]) -> bytes:
