@@ -181,6 +181,8 @@ class TrialPublic(BaseModel):
     error: str | None = None
     fp32_layers: list[str] = Field(default_factory=list)
     duplicate_of: int | None = Field(None, description="Number of the earlier trial whose plan this one repeated (not re-evaluated).")
+    worker: str | None = Field(None, description="The worker that ran the trial (host:pid:id).")
+    evaluated: bool = Field(False, description="Whether the trial called the evaluation (not a repeat, not pruned).")
     params: dict[str, Any] = Field(default_factory=dict, description="The Optuna parameters of the trial.")
     plan: dict[str, Any] | None = Field(None, description="The full plan; only with ?include_plan=true.")
     started_at: datetime | None = None

@@ -113,6 +113,8 @@ def trial_public(trial: FrozenTrial, *, include_plan: bool = False) -> TrialPubl
         error=attrs.get("error") or (INTERRUPTED if trial.state == TrialState.FAIL else None),
         fp32_layers=list(attrs.get("fp32_layers") or []),
         duplicate_of=attrs.get("duplicate_of"),
+        worker=attrs.get("worker"),
+        evaluated=bool(attrs.get("evaluated")),
         params={k: v for k, v in trial.params.items()},
         plan=attrs.get("plan") if include_plan else None,
         started_at=_utc(trial.datetime_start),

@@ -5,28 +5,46 @@
 2. Otherwise the most sensitive layers fall back to FP32: 1, 2, 4, ... layers until the budget
    is met, then bisection between the last miss and the first hit finds the fewest.
 3. Then a few alternative global settings with one layer fewer in FP32, and finally Optuna's
-   TPE sampler over the whole space, until `patience` trials bring no better plan.
-The sequence is a pure function of what the study already knows, so a resumed or second worker
-replays it without re-evaluating anything.
+   TPE sampler over the whole space, until `patience` trials bring no better plan (a space of one
+   INT8 setting has nothing to sample: a plan there is its fallback count).
+
+The sequence is a pure function of what the study knows, so a resumed or second worker replays
+it without re-evaluating anything. With several workers on one study, the points other workers
+are evaluating right now (`running`) are pending: a worker does not wait for them but takes the
+most useful point not yet running, as if each pending point missed the budget. The fallback
+counts that would follow a miss come first (the doubling), then the largest gap of fallback
+counts not yet known or pending is split (so N workers bisect an interval into N + 1 parts),
+then the alternative global settings. Only when none is left does a worker WAIT for a result.
+The rules that pick the returned plan are unchanged (met first, then most INT8, then the
+smallest drop), so the plan is as good as with one worker.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from .space import SearchSpace
 from .study import Outcome
 
 SAMPLE = "sample"  # let Optuna's sampler choose the point
+WAIT = "wait"  # every useful point is being evaluated by another worker: wait for a result
 
 
 class Strategy:
     def __init__(self, space: SearchSpace, n_layers: int, key_of: Callable[[dict[str, Any]], str], patience: int = 4):
         self.space = space
         self.n = n_layers
-        self.key_of = key_of
+        self._key_of = key_of
+        self._keys: dict[tuple[Any, ...], str] = {}
         self.patience = patience
+
+    def key_of(self, point: dict[str, Any]) -> str:
+        """The plan key of a point (memoized: the strategy asks for the same points often)."""
+        memo = tuple(sorted(point.items()))
+        if memo not in self._keys:
+            self._keys[memo] = self._key_of(point)
+        return self._keys[memo]
 
     def _alternatives(self, fallback: int) -> list[dict[str, Any]]:
         """Different global settings at one fallback count: the measured best is not always the
@@ -39,58 +57,84 @@ class Strategy:
                 points.append(self.space.point(fallback, activation=method, smooth=False))
         return points
 
-    def next_point(self, known: Mapping[str, Outcome]) -> dict[str, Any] | str | None:
-        """The next point to evaluate, SAMPLE for the sampler, or None when nothing better is plausible."""
+    def next_point(self, known: Mapping[str, Outcome], running: Collection[str] = ()) -> dict[str, Any] | str | None:
+        """The next point to evaluate, SAMPLE for the sampler, WAIT while only points that other
+        workers are evaluating (plan keys in `running`) could help, or None when nothing better
+        is plausible."""
 
         def outcome(point: dict[str, Any]) -> Outcome | None:
             return known.get(self.key_of(point))
 
+        def pending(point: dict[str, Any]) -> bool:
+            return bool(running) and outcome(point) is None and self.key_of(point) in running
+
         first = self.space.point(0)
-        if outcome(first) is None:
+        if outcome(first) is None and not pending(first):
             return first
-        if outcome(first).met:
+        if outcome(first) is not None and outcome(first).met:
             return None
-        best_met = self._fewest_fallbacks(outcome)
-        if best_met is None:
-            return self._next_fallback(outcome)
-        if best_met.get("search") is not None:
-            return best_met["search"]
-        fewest = best_met["fallback"]
+        if not self.space.fallback or self.n == 0:  # nothing to do but wait for the full-INT8 plan
+            return WAIT if pending(first) else None
+        counts = self._counts(outcome, pending)
+        step = self._fallback_step(counts)
+        if step is not None:
+            return self.space.point(step)
+        met = [k for k, state in counts.items() if state == "met"]
+        if not met:
+            return WAIT if "pending" in counts.values() or pending(first) else None
+        fewest = min(met)
         for point in self._alternatives(max(fewest - 1, 0)):
-            if outcome(point) is None:
+            if outcome(point) is None and not pending(point):
                 return point
-        if not self.space.fallback or self._stale(known):
+        if running:  # a pending point may still change the best plan: sample only once it is known
+            if any(state == "pending" for k, state in counts.items() if k < fewest) or any(
+                    pending(p) for p in self._alternatives(max(fewest - 1, 0))):
+                return WAIT
+        if len(self.space.settings()) == 1:  # one INT8 setting: a plan is its fallback count, and the
+            return None                        # bisection has found the fewest: nothing left to sample
+        if self._stale(known):
             return None
         return SAMPLE
 
-    def _next_fallback(self, outcome: Callable[[dict[str, Any]], Outcome | None]) -> dict[str, Any] | None:
-        """Exponential growth of the fallback count until a plan meets the budget."""
-        if not self.space.fallback or self.n == 0:
-            return None
-        k = 1
-        while k < self.n:
+    def _counts(self, outcome: Callable[[dict[str, Any]], Outcome | None],
+                pending: Callable[[dict[str, Any]], bool]) -> dict[int, str]:
+        """The state of each fallback count 0..n-1 that is known or pending: 'met', 'miss' (or
+        failed) or 'pending'."""
+        counts: dict[int, str] = {}
+        for k in range(self.n):
             point = self.space.point(k)
-            if outcome(point) is None:
-                return point
-            k *= 2
-        last = self.space.point(self.n - 1)
-        return last if outcome(last) is None else None
+            found = outcome(point)
+            if found is not None and found.state in ("COMPLETE", "FAIL"):  # a failed plan: not tried again
+                counts[k] = "met" if found.met else "miss"
+            elif found is None and pending(point):
+                counts[k] = "pending"
+        return counts
 
-    def _fewest_fallbacks(self, outcome: Callable[[dict[str, Any]], Outcome | None]) -> dict[str, Any] | None:
-        """Bisection state: the smallest met fallback count, or the next point to bisect."""
-        met = [k for k in self._tried(outcome) if outcome(self.space.point(k)).met]
-        if not met:
-            return None
-        hi = min(met)
-        missed = [k for k in self._tried(outcome) if k < hi and not outcome(self.space.point(k)).met]
+    def _fallback_step(self, counts: dict[int, str]) -> int | None:
+        """The next fallback count to evaluate: doubling until a count meets the budget
+        (assuming pending counts miss), then splitting the largest open gap between the last
+        miss and the first hit (pending counts are the gaps' ends)."""
+        met = [k for k, state in counts.items() if state == "met"]
+        hi = min(met) if met else None
+        missed = [k for k, state in counts.items() if state == "miss" and (hi is None or k < hi)]
         lo = max(missed, default=0)
-        if hi - lo > 1:
-            return {"fallback": hi, "search": self.space.point((lo + hi) // 2)}
-        return {"fallback": hi, "search": None}
-
-    def _tried(self, outcome: Callable[[dict[str, Any]], Outcome | None]) -> list[int]:
-        return [k for k in range(self.n) if outcome(self.space.point(k)) is not None
-                and outcome(self.space.point(k)).state == "COMPLETE"]
+        if hi is None:  # exponential growth of the fallback count until a plan meets the budget
+            k = 1
+            while k < self.n:
+                if k > lo and k not in counts:
+                    return k
+                k *= 2
+            if self.n - 1 > lo and self.n - 1 not in counts:
+                return self.n - 1
+            top = self.n - 1
+        else:
+            top = hi
+        ends = sorted({lo, top, *(k for k, state in counts.items() if state == "pending" and lo < k < top)})
+        gaps = [(b - a, -a) for a, b in zip(ends, ends[1:]) if b - a > 1]
+        if not gaps:
+            return None
+        width, neg_a = max(gaps)  # the widest gap; of equal ones the lowest (fewer layers in FP32)
+        return -neg_a + width // 2
 
     def _stale(self, known: Mapping[str, Outcome]) -> bool:
         """True when the last `patience` trials did not improve the best met coverage."""

@@ -75,6 +75,8 @@ class Outcome:
     duration_s: float
     overhead_s: float
     reused: bool = False
+    plan: dict[str, Any] | None = None  # the stored plan (outcomes read back from the study)
+    worker: str | None = None
 
 
 def stored_outcomes(study: optuna.Study, budget: Budget) -> dict[str, Outcome]:
@@ -97,7 +99,8 @@ def _outcome(t: optuna.trial.FrozenTrial, budget: Budget) -> Outcome:
     drop = attrs.get("drop")
     return Outcome(t.number, t.state.name, attrs.get("plan_key", ""), attrs.get("score"), drop,
                    attrs.get("coverage", 0.0), t.state == TrialState.COMPLETE and budget.met(drop),
-                   attrs.get("error"), attrs.get("duration_s", 0.0), attrs.get("overhead_s", 0.0), reused=True)
+                   attrs.get("error"), attrs.get("duration_s", 0.0), attrs.get("overhead_s", 0.0),
+                   plan=attrs.get("plan"), worker=attrs.get("worker"))
 
 
 def _heartbeat_enabled(storage: Any) -> bool:
@@ -105,14 +108,37 @@ def _heartbeat_enabled(storage: Any) -> bool:
     return isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval() is not None
 
 
-def running_elsewhere(study: optuna.Study, plan_key: str) -> bool:
+def worker_label() -> str:
+    """This process, as trials name their worker: host:pid."""
+    import os
+    import socket
+
+    return f"{socket.gethostname()[:40]}:{os.getpid()}"
+
+
+def running_plans(study: optuna.Study) -> set[str]:
+    """Plan keys of the trials other processes are evaluating now (a trial whose worker died is
+    failed first, so that its plan is free again)."""
     storage = study._storage
     if _heartbeat_enabled(storage):
         with warnings.catch_warnings():  # experimental in Optuna, and stable enough for us
             warnings.simplefilter("ignore")
             optuna.storages.fail_stale_trials(study)  # a worker that died mid-trial leaves it RUNNING
-    return any(t.user_attrs.get("plan_key") == plan_key
-               for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    return {t.user_attrs["plan_key"] for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if "plan_key" in t.user_attrs}
+
+
+def running_elsewhere(study: optuna.Study, plan_key: str) -> bool:
+    return plan_key in running_plans(study)
+
+
+def _taken_by_earlier(study: optuna.Study, plan_key: str, number: int) -> int | None:
+    """The number of an earlier trial evaluating the same plan right now (two workers picked the
+    same point at once): the later one gives way."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.number < number and t.user_attrs.get("plan_key") == plan_key:
+            return t.number
+    return None
 
 
 class _Heartbeat:
@@ -151,17 +177,20 @@ def run_trial(
     make_plan: Callable[[dict[str, Any]], tuple[Plan, float]],
     build: Callable[[Plan], Any],
     evaluate: Callable[[Any], float],
-    baseline: float,
+    baseline: Callable[[], float],
     budget: Budget,
     known: dict[str, Outcome],
     propose: dict[str, Any] | None = None,
     beat_coverage: float | None = None,
+    worker: str | None = None,
 ) -> Outcome | None:
     """Run one Optuna trial. `propose` enqueues our own point first; the trial evaluates whatever
     point it gets (with several workers, another worker's proposal is as good as ours). A plan
     already evaluated is not evaluated again: its result is copied into the trial. A plan with no
     more INT8 coverage than `beat_coverage` (the best met plan) cannot be better: it is pruned
-    without evaluation and None is returned."""
+    without evaluation and None is returned, as it is when an earlier trial is evaluating the same
+    plan now. `baseline()` gives the FP32 score once known (another worker may still be
+    evaluating it while this trial's evaluation runs)."""
     start = time.perf_counter()
     if propose is not None:
         study.enqueue_trial(propose, skip_if_exists=False)
@@ -171,10 +200,15 @@ def run_trial(
     plan, coverage = make_plan(suggest(trial))
     key = plan.key()
     for name, value in (("plan", plan.to_dict()), ("plan_key", key), ("summary", plan.summary()),
-                        ("coverage", coverage), ("fp32_layers", plan.fp32_layers)):
+                        ("coverage", coverage), ("fp32_layers", plan.fp32_layers), ("worker", worker)):
         trial.set_user_attr(name, value)
     if beat_coverage is not None and coverage <= beat_coverage:
         trial.set_user_attr("pruned", f"INT8 MAC share {coverage:.1%} cannot beat the best met plan's {beat_coverage:.1%}")
+        study.tell(trial, state=TrialState.PRUNED)
+        return None
+    earlier = _taken_by_earlier(study, key, trial.number)
+    if earlier is not None:
+        trial.set_user_attr("pruned", f"the same plan is being evaluated in trial {earlier}")
         study.tell(trial, state=TrialState.PRUNED)
         return None
     previous = known.get(key)
@@ -191,6 +225,7 @@ def run_trial(
     with _Heartbeat(study, trial._trial_id):
         try:
             candidate = build(plan)
+            trial.set_user_attr("evaluated", True)  # a call of the user's evaluation, counted per worker
             eval_start = time.perf_counter()
             try:
                 score = float(evaluate(candidate))
@@ -198,10 +233,16 @@ def run_trial(
                 eval_s = time.perf_counter() - eval_start
             if not math.isfinite(score):
                 raise ValueError(f"evaluate returned {score}, not a finite number")
-            drop = budget.drop(baseline, score)
         except Exception as exc:  # the user's evaluate failed on this plan: record it, go on
             error = f"{type(exc).__name__}: {exc}"
             trial.set_user_attr("traceback", traceback.format_exc(limit=5)[-2000:])
+        if error is None:
+            try:
+                drop = budget.drop(baseline(), score)
+            except BaseException:  # stopped while waiting for the baseline: interrupted, retried later
+                trial.set_user_attr("score", score)
+                study.tell(trial, state=TrialState.FAIL)
+                raise
     duration = time.perf_counter() - start
     trial.set_user_attr("duration_s", round(duration, 4))
     trial.set_user_attr("overhead_s", round(duration - eval_s, 4))

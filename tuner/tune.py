@@ -18,6 +18,7 @@ from typing import Any
 import optuna
 from torch import nn
 
+from .batches import as_batches
 from .calibrate import Calibration, calibrate
 from .deployment import Deployment
 from .errors import EvaluationError, InvalidArgumentError
@@ -25,10 +26,14 @@ from .ledger import build_ledger
 from .plan import Plan
 from .qmodules import apply_plan
 from .report import LayerReport, layer_report
-from .search import SAMPLE, Strategy
+from .prepared import MemoryStore, SharedStore, Stopped, dump_prepared, dump_ranking, load_prepared, load_ranking, once
+from .search import SAMPLE, WAIT, Strategy
 from .sensitivity import rank_layers
 from .space import SearchSpace, plan_for
-from .study import Budget, Outcome, open_study, run_trial, running_elsewhere, stored_outcomes
+from .study import Budget, Outcome, open_study, run_trial, running_plans, stored_outcomes, worker_label
+
+WAIT_S = 0.25  # how often a worker with nothing to evaluate looks for other workers' results
+FINISHER_CHECK_S = 5.0  # how often a worker waiting for the one finishing the study checks that it lives
 
 
 MAX_IDLE_IN_A_ROW = 8  # sampled trials in a row that were pruned or repeated a plan: the sampler is done
@@ -119,20 +124,95 @@ def _check_args(max_drop: float, relative: bool, max_trials: int | None, timeout
         raise InvalidArgumentError(f"`latency_runs >= 0` must hold, but got {latency_runs=}.")
 
 
-def _baseline(study: optuna.Study, model: nn.Module, evaluate: Callable[[Any], float]) -> tuple[float, int]:
-    """The FP32 score, evaluated once per study (kept in its storage)."""
+def _baseline(study: optuna.Study, model: nn.Module, evaluate: Callable[[Any], float], shared: SharedStore,
+              worker: str) -> tuple[float | None, int]:
+    """The FP32 score, evaluated once per study (kept in its storage). None while another worker
+    is evaluating it (`shared` decides who does)."""
     if "baseline" in study.user_attrs:
         return float(study.user_attrs["baseline"]), 0
+    if not shared.claim("baseline"):
+        return None, 0
     try:
         baseline = float(evaluate(model))
+        if not math.isfinite(baseline):
+            raise EvaluationError(f"evaluating the FP32 baseline returned {baseline}, not a finite number.")
+    except EvaluationError:
+        shared.release("baseline")
+        raise
     except Exception as exc:
+        shared.release("baseline")
         raise EvaluationError(f"evaluating the FP32 baseline failed: {type(exc).__name__}: {exc}") from exc
-    if not math.isfinite(baseline):
-        raise EvaluationError(f"evaluating the FP32 baseline returned {baseline}, not a finite number.")
     if baseline == 0:
         warnings.warn("the FP32 baseline is 0: a relative budget allows no loss at all", stacklevel=3)
     study.set_user_attr("baseline", baseline)
+    study.set_user_attr("baseline_worker", worker)
+    shared.save("baseline", repr(baseline).encode())
     return baseline, 1
+
+
+class _Baseline:
+    """The study's baseline, waited for when another worker is evaluating it (or evaluated here
+    when that worker died and its claim was taken over)."""
+
+    def __init__(self, study, model, evaluate, shared, worker, should_stop) -> None:  # noqa: ANN001
+        self.study, self.model, self.evaluate, self.shared, self.worker = study, model, evaluate, shared, worker
+        self.should_stop = should_stop
+        self.value, self.evaluations = _baseline(study, model, evaluate, shared, worker)
+
+    def __call__(self) -> float:
+        while self.value is None:
+            self.value, evaluated = _baseline(self.study, self.model, self.evaluate, self.shared, self.worker)
+            self.evaluations += evaluated
+            if self.value is None:
+                if self.should_stop():
+                    raise Stopped("stopped while another worker evaluated the FP32 baseline")
+                time.sleep(WAIT_S)
+        return self.value
+
+
+def _prepare(model: nn.Module, calibration: Iterable[Any], space: SearchSpace, shared: SharedStore,
+             should_stop: Callable[[], bool], log) -> tuple[Calibration, LayerReport, bool]:  # noqa: ANN001
+    """Calibration and the per-layer report: computed by the first worker of the study, loaded by
+    the others (and by a resumed search). Returns them and whether they were computed here."""
+    computed: list[tuple[Calibration, LayerReport]] = []
+    batches = as_batches(calibration)
+
+    def compute() -> bytes:
+        calib = calibrate(model, batches)
+        unknown = sorted(set(space.exclude) - set(calib.layers))
+        if unknown:
+            raise InvalidArgumentError(f"space `exclude` names layers the model does not have: {unknown}.")
+        report = layer_report(model, calib, space.settings())
+        computed.append((calib, report))
+        try:
+            return dump_prepared(calib, report)
+        except (TypeError, ValueError) as exc:  # something not storable: every worker computes its own
+            log(f"[quanttune] the calibration could not be stored for other workers ({exc})")
+            return b""
+
+    data, _ = once(shared, f"prepared-{_space_key(space)}", compute, should_stop)
+    if computed:
+        return (*computed[0], True)
+    if data:
+        try:
+            return (*load_prepared(data, model, batches), False)
+        except Exception as exc:  # e.g. stored by another version: compute our own
+            log(f"[quanttune] the stored calibration could not be loaded ({type(exc).__name__}: {exc}): recalibrating")
+    compute()
+    return (*computed[0], True)
+
+
+def _point_claim(plan_key: str) -> str:
+    """The shared claim on evaluating one plan (two workers choosing at once take different points)."""
+    import hashlib
+
+    return "point-" + hashlib.sha256(plan_key.encode()).hexdigest()[:24]
+
+
+def _space_key(space: SearchSpace) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(space.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def tune(
@@ -155,6 +235,8 @@ def tune(
     latency_runs: int = 10,
     should_stop: Callable[[], bool] | None = None,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
+    shared: SharedStore | None = None,
+    worker: str | None = None,
 ) -> TuneResult:
     """Search quantization plans for `model` until the most-INT8 plan within the budget is found.
 
@@ -166,38 +248,51 @@ def tune(
     `verify` evaluates the exported INT8 model once on ONNX Runtime and checks what ONNX Runtime
     runs (INT8 kernels per layer) and how fast, against FP32, `latency_runs` timed calls per figure
     (0: no timing): `result.deployment`.
+    `shared` (a `tuner.prepared.SharedStore`) shares the baseline, calibration, error report and
+    ranking between the processes of one study, so that only the first computes them; `worker`
+    names this process in its trials (default host:pid).
     """
     _check_args(max_drop, relative, max_trials, timeout, latency_runs)
     space = SearchSpace.from_dict(space) if not isinstance(space, SearchSpace) else space
     budget = Budget(float(max_drop), relative, higher_is_better)
     log = print if verbose else (lambda *a, **k: None)
     start = time.perf_counter()
+    shared = shared if shared is not None else MemoryStore()
+    worker = worker or worker_label()
+    stop_asked = should_stop if should_stop is not None else (lambda: False)
 
     study = open_study(storage, study_name, seed)
     for key, value in (("max_drop", budget.max_drop), ("relative", relative), ("higher_is_better", higher_is_better)):
         study.set_user_attr(key, value)
-    baseline, evaluations = _baseline(study, model, evaluate)
-    log(f"[quanttune] baseline {baseline:.6g} (budget: drop <= {budget.describe()})")
+    baseline = _Baseline(study, model, evaluate, shared, worker, stop_asked)
+    if baseline.value is not None:
+        log(f"[quanttune] baseline {baseline.value:.6g} (budget: drop <= {budget.describe()})")
+    else:
+        log("[quanttune] another worker is evaluating the FP32 baseline")
 
-    calib = calibrate(model, calibration)
-    unknown = sorted(set(space.exclude) - set(calib.layers))
-    if unknown:
-        raise InvalidArgumentError(f"space `exclude` names layers the model does not have: {unknown}.")
-    report = layer_report(model, calib, space.settings())
+    try:
+        calib, report, prepared_here = _prepare(model, calibration, space, shared, stop_asked, log)
+    except Stopped:
+        log("[quanttune] stopped on request")
+        raise
     study.set_user_attr("layers", list(report.layers))
     ranking: list[str] = []  # most sensitive first; measured only once a plan misses the budget
 
     def ranked() -> list[str]:
         if not ranking:
-            full = plan_for(space.point(0), space, report, [])
-            ranking.extend(rank_layers(model, calib, full))
-            log(f"[quanttune] ranked {len(ranking)} layers by end-to-end output error; most sensitive: "
-                f"{', '.join(ranking[:3])}")
+            def measure() -> bytes:
+                full = plan_for(space.point(0), space, report, [])
+                return dump_ranking(rank_layers(model, calib, full))
+
+            data, measured = once(shared, f"ranking-{_space_key(space)}", measure, stop_asked)
+            ranking.extend(load_ranking(data))
+            log(f"[quanttune] {'ranked' if measured else 'loaded the ranking of'} {len(ranking)} layers by "
+                f"end-to-end output error; most sensitive: {', '.join(ranking[:3])}")
         return ranking
 
     prep_s = time.perf_counter() - start
-    log(f"[quanttune] calibrated {len(calib.layers)} layers in {calib.seconds:.2f}s, "
-        f"error report in {report.seconds:.2f}s")
+    log(f"[quanttune] {'calibrated' if prepared_here else 'loaded the calibration of'} {len(calib.layers)} layers "
+        f"({calib.seconds:.2f}s), error report ({report.seconds:.2f}s)")
 
     plans: dict[str, Plan] = {}
 
@@ -212,13 +307,13 @@ def tune(
     n_candidates = sum(1 for n in report.layers if n not in space.exclude)
     strategy = Strategy(space, n_candidates, lambda p: make_plan(p)[0].key())
     known = stored_outcomes(study, budget)
-    for outcome in known.values():  # plans of resumed trials, for the ledger
-        t = study.trials[outcome.number]
-        plans.setdefault(outcome.plan_key, Plan.from_dict(t.user_attrs["plan"]))
+    _remember(plans, known)
+    evaluations = 0  # this process's evaluations of plans
     stopped = False
     idle_in_a_row = 0
+
     def stop_requested() -> bool:
-        if should_stop is not None and should_stop():
+        if stop_asked():
             log("[quanttune] stopped on request")
             return True
         return False
@@ -230,24 +325,35 @@ def tune(
         if timeout is not None and time.perf_counter() - start > timeout:
             log(f"[quanttune] timeout of {timeout:g}s reached")
             break
+        known.update(stored_outcomes(study, budget))  # other workers' results too
+        _remember(plans, known)
         if max_trials is not None and _evaluated(known) >= max_trials:
             log(f"[quanttune] max_trials={max_trials} reached")
             break
-        point = strategy.next_point(known)
-        if point is None:
-            break
-        if stop_requested():  # asked again: choosing the point may take seconds (ranking the layers)
+        try:
+            point = strategy.next_point(known, running_plans(study))
+            if point is None:
+                break
+            if stop_requested():  # asked again: choosing the point may take seconds (ranking the layers)
+                stopped = True
+                break
+            if point == WAIT:  # every useful point is being evaluated elsewhere: wait for a result
+                time.sleep(WAIT_S)
+                continue
+            propose = None if point == SAMPLE else point
+            if propose is not None and not shared.claim(_point_claim(strategy.key_of(propose))):
+                time.sleep(WAIT_S)  # another worker took this point a moment ago: it is pending now
+                continue
+            best = _best(known.values())
+            beat = best.coverage if propose is None and best is not None and best.met else None
+            outcome = run_trial(study, lambda trial: space.suggest(trial, n_candidates), make_plan, build, evaluate,
+                                baseline, budget, known, propose, beat, worker=worker)
+        except Stopped:
+            log("[quanttune] stopped on request")
             stopped = True
             break
-        propose = None if point == SAMPLE else point
-        if propose is not None and running_elsewhere(study, make_plan(propose)[0].key()):
-            time.sleep(0.5)  # another worker is evaluating it: wait for its result
-            known.update(stored_outcomes(study, budget))
+        except optuna.exceptions.UpdateFinishedTrialError:  # the job ended and closed our trial meanwhile
             continue
-        best = _best(known.values())
-        beat = best.coverage if propose is None and best is not None and best.met else None
-        outcome = run_trial(study, lambda trial: space.suggest(trial, n_candidates), make_plan, build, evaluate,
-                            baseline, budget, known, propose, beat)
         idle_in_a_row = idle_in_a_row + 1 if outcome is None or outcome.reused else 0
         if idle_in_a_row >= MAX_IDLE_IN_A_ROW:
             log("[quanttune] the sampler proposes no new plan that could beat the best: done")
@@ -256,11 +362,17 @@ def tune(
             continue
         evaluations += 0 if outcome.reused else 1
         known.update({k: v for k, v in stored_outcomes(study, budget).items() if k not in known})
+        _remember(plans, known)
         best = _best(known.values())
         _progress(log, outcome, plans[outcome.plan_key], budget, best)
         if on_trial is not None:
-            on_trial(_trial_info(outcome, plans[outcome.plan_key], evaluations, best))
+            on_trial(_trial_info(outcome, plans[outcome.plan_key], evaluations + baseline.evaluations, best))
     search_s = time.perf_counter() - start - prep_s
+    stopped = stopped or not _finisher(shared, stop_asked, log)
+    known.update(stored_outcomes(study, budget))
+    _remember(plans, known)
+    baseline_value = baseline()  # known by now, unless the search stopped before it was (raises Stopped)
+    evaluations += baseline.evaluations  # the baseline, if this process evaluated it
 
     best = _best(known.values())
     if best is None:  # nothing evaluated successfully: the safest plan, all FP32, with the reason
@@ -274,7 +386,7 @@ def tune(
         score, drop, met = best.score, best.drop, best.met
         reason = _reason(best, plan, budget, stopped)
     result = TuneResult(
-        met=met, baseline=baseline, score=score, drop=drop, plan=plan,
+        met=met, baseline=baseline_value, score=score, drop=drop, plan=plan,
         model=apply_plan(model, plan, calib), coverage=calib.coverage(plan), evaluations=evaluations,
         trials=_trials(study), ledger=build_ledger(report, plan, ranking, list(known.values()), plans, budget),
         reason=reason, study_name=study.study_name,
@@ -287,6 +399,30 @@ def tune(
     result.seconds["total"] = round(time.perf_counter() - start, 3)
     log(f"[quanttune] {'MET' if met else 'NOT MET'}: {result.reason}")
     return result
+
+
+def _finisher(shared: SharedStore, stop_asked: Callable[[], bool], log) -> bool:  # noqa: ANN001
+    """Whether this process verifies and returns the result: when several workers end the search,
+    one does; the others wait until it has (the job ends: `stop_asked`), or take over if it died."""
+    waiting = False
+    next_claim = 0.0
+    while not stop_asked():
+        if time.monotonic() >= next_claim:
+            if shared.claim("result"):
+                return True
+            next_claim = time.monotonic() + FINISHER_CHECK_S
+        if not waiting:
+            log("[quanttune] another worker is finishing this study: waiting for it")
+            waiting = True
+        time.sleep(4 * WAIT_S)
+    return False
+
+
+def _remember(plans: dict[str, Plan], known: Mapping[str, Outcome]) -> None:
+    """The plans of outcomes found in the study (resumed, or other workers'), for the ledger."""
+    for outcome in known.values():
+        if outcome.plan_key not in plans and outcome.plan is not None:
+            plans[outcome.plan_key] = Plan.from_dict(outcome.plan)
 
 
 def _evaluated(known: Mapping[str, Outcome]) -> int:

@@ -110,6 +110,13 @@ class Queue:
             return {role: (filename, data) for role, filename, data in rows}
 
     # -- progress and the end -------------------------------------------------------------------
+    def add_evaluation(self, job_id: int) -> None:
+        """One more call of the job's evaluation (by any worker, whatever the job's status now)."""
+        with self.sessions() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(evaluations=Job.evaluations + 1)
+                            .execution_options(synchronize_session=False))
+            session.commit()
+
     def progress(self, claim: Claim, values: dict[str, Any], *, add_trials: int = 0) -> bool:
         """Write progress fields while owning a running job; False when not."""
         with self.sessions() as session:

@@ -25,6 +25,7 @@ from api.studies import study_name
 from api.tensorfiles import check_dataset, labels, read_tensors, to_batches
 
 from . import evaluators
+from .prepared import JobStore
 from .queue import Claim, Queue
 
 log = logging.getLogger("quanttune.worker")
@@ -195,7 +196,6 @@ class JobRun:
         self.monitor = monitor  # a supervised run (worker.supervise): reports trials and evaluations to its worker
         self.lost = threading.Event()  # the lease was taken over, or the job deleted
         self.ended = threading.Event()  # the job is no longer running (cancelled, finished elsewhere)
-        self._evaluations_seen = 0
         self._baseline_known = False
         self._storage: Any = None  # the Optuna RDB storage of this run (trial heartbeats on)
 
@@ -246,14 +246,8 @@ class JobRun:
 
     # -- progress --------------------------------------------------------------------------------
     def on_trial(self, info: dict[str, Any]) -> None:
-        evaluations = int(info.get("evaluations") or 0)
-        delta, self._evaluations_seen = evaluations - self._evaluations_seen, evaluations
         values: dict[str, Any] = {"best_score": info.get("best_score"), "best_drop": info.get("best_drop"),
                                   "best_coverage": info.get("best_coverage"), "best_met": bool(info.get("met"))}
-        if delta:
-            from api.models import Job
-
-            values["evaluations"] = Job.evaluations + delta
         values.update(self._study_progress())
         try:
             if not self.queue.progress(self.claim, values):
@@ -314,13 +308,14 @@ class JobRun:
         job_id = self.claim.job_id
         try:
             inputs = build_inputs(spec, self.queue.inputs(job_id), self.settings, workdir)
-            evaluate = self.monitor.wrap(inputs.evaluate) if self.monitor is not None else inputs.evaluate
+            evaluate = self._counted(self.monitor.wrap(inputs.evaluate) if self.monitor is not None else inputs.evaluate)
             result = tuner.tune(
                 inputs.model, inputs.calibration, evaluate,
                 max_drop=spec["max_drop"], relative=spec["relative"], higher_is_better=spec["higher_is_better"],
                 max_trials=spec.get("max_trials"), timeout=spec.get("timeout"), storage=self._storage,
                 study_name=study_name(job_id), seed=spec.get("seed", 0), space=spec.get("space"), verbose=True,
-                should_stop=self.should_stop, on_trial=self.on_trial,
+                should_stop=self.should_stop, on_trial=self.on_trial, shared=JobStore(self.queue, self.claim),
+                worker=self.claim.worker_id,
             )
             if result.stopped or self.lost.is_set() or self.ended.is_set():
                 self.queue.release(self.claim)
@@ -342,21 +337,32 @@ class JobRun:
                 return "lost"
             self._close_running_trials()
             return "failed"
-        extra = result.evaluations - self._evaluations_seen  # e.g. the deployed (ONNX Runtime) check
-        from api.models import Job
-
         values = {
             "baseline": result.baseline, "score": result.score, "drop": result.drop,
             "coverage": result.coverage.get("macs"), "met": result.met, "deployed_score": result.deployed_score,
             "deployment": result.deployment.summary() if result.deployment is not None else None,
             "reason": result.reason, "best_score": result.score, "best_drop": result.drop,
             "best_coverage": result.coverage.get("macs"), "best_met": result.met,
-            "evaluations": Job.evaluations + extra, **self._study_progress(final=True),
+            **self._study_progress(final=True),
         }
         if not self.queue.finish(self.claim, "succeeded", values, artifacts):
             return "lost"
         self._close_running_trials()
         return "succeeded"
+
+    def _counted(self, evaluate: Callable[[nn.Module], float]) -> Callable[[nn.Module], float]:
+        """`evaluate`, adding each call to the job's evaluations as it starts: every worker's calls
+        (baseline, plans, the final ONNX Runtime check) add up, including one still running when
+        another worker finishes the job."""
+
+        def counted(model: nn.Module) -> float:
+            try:
+                self.queue.add_evaluation(self.claim.job_id)
+            except Exception:  # the count is cosmetic: never let it fail an evaluation
+                log.exception("job %s: counting an evaluation failed", self.claim.job_id)
+            return evaluate(model)
+
+        return counted
 
     def _release_when_possible(self) -> None:
         """Release the slot once the database answers again (at most one lease period; after that

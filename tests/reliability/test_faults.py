@@ -56,10 +56,13 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_raising_nan_hanging_and_crashing_trials_fail_with_the_reason_and_the_job_goes_on(service: TestClient,
+def test_raising_hanging_and_crashing_trials_fail_with_the_reason_and_the_job_goes_on(service: TestClient,
                                                                                          monkeypatch) -> None:  # noqa: ANN001
-    # calls 2, 3, 4 (trials 0, 1, 2) misbehave, call 5 works, call 6 kills its own process; call 1 is the baseline
-    monkeypatch.setenv("QT_FAULT_SCRIPT", "raise,nan,hang,ok,crash")
+    # call 1 is the baseline; call 2 (trial 0, all INT8) raises, call 3 (trial 1) hangs, call 4 (trial 2)
+    # kills its own process, call 5 (trial 3, the last fallback count) works. A failed plan is a verdict,
+    # not retried, so with 4 layers the 4 fallback counts are all the structured search has: a NaN
+    # trial (tests/tuner/test_tune.py) would leave no plan to meet the budget here
+    monkeypatch.setenv("QT_FAULT_SCRIPT", "raise,hang,crash,ok")
     job_id = submit(service, {**DIGITS, "evaluate": "qt_faults.evals:scripted", "space": NAIVE, "max_trials": 8,
                               "trial_timeout": 3})
     assert service.get(f"/v1/jobs/{job_id}").json()["trial_timeout"] == 3
@@ -69,9 +72,8 @@ def test_raising_nan_hanging_and_crashing_trials_fail_with_the_reason_and_the_jo
     trials = trials_of(service, job_id)
     failed = {t["number"]: t["error"] for t in trials if t["state"] == "FAIL"}
     assert "RuntimeError: the evaluation data set is corrupt (call 2)" in failed[0]
-    assert "evaluate returned nan, not a finite number" in failed[1]
-    assert failed[2].startswith("timed out after 3s (trial_timeout)")
-    crashed = [error for number, error in failed.items() if number > 2]
+    assert failed[1].startswith("timed out after 3s (trial_timeout)")
+    crashed = [error for number, error in failed.items() if number > 1]
     assert crashed == ["the evaluation's process was killed by SIGKILL"], failed
     assert not [t for t in trials if t["state"] == "RUNNING"]
     # the job went on after each failure, to a plan that meets the budget, found by a fresh process

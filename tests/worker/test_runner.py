@@ -196,3 +196,45 @@ def test_shutdown_hands_the_slot_back_after_the_current_trial(service: TestClien
     trials = service.get(f"/v1/jobs/{job_id}/trials", params={"state": "COMPLETE"}).json()["data"]
     assert done_before < {t["number"] for t in trials}
     assert service.get(f"/v1/jobs/{job_id}").json()["met"]
+
+
+@SQLITE
+def test_two_workers_prepare_once_and_their_counts_add_up(service: TestClient, monkeypatch) -> None:  # noqa: ANN001
+    """Two workers on one job: the calibration and error report are computed once and stored with
+    the job, every trial names its worker, and the job's evaluations are the sum of every call."""
+    import sys
+
+    from worker.prepared import JobStore
+    from worker.queue import Claim
+
+    tune_module = sys.modules["tuner.tune"]  # `tuner.tune` is also the function
+    calls = []
+    real = tune_module.calibrate
+    monkeypatch.setattr(tune_module, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("QT_TEST_EVAL_SLEEP", "0.3")
+    job_id = submit(service, {"model": "tuner.examples.digits:build_model",
+                              "calibration": "tuner.examples.digits:calibration_data",
+                              "evaluate": "qt_usercode.evals:slow", "space": NAIVE, "parallelism": 2})
+    workers = [Worker(service.settings, worker_id=f"w{i}") for i in (1, 2)]
+    outcomes: list = []
+    threads = [threading.Thread(target=lambda w=w: outcomes.append(w.run_once())) for w in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    assert "succeeded" in outcomes and set(outcomes) <= {"succeeded", "released", "lost", None}, outcomes
+    job = service.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and job["met"], job
+    assert len(calls) == 1  # the second worker loaded what the first stored
+    queue = workers[0].queue
+    sizes = JobStore(queue, Claim(job_id, 0, "w1")).sizes()
+    assert any(name.startswith("prepared-") and size > 0 for name, size in sizes.items()), sizes
+    assert any(name.startswith("ranking-") for name in sizes) and "baseline" in sizes
+    assert sorted(service.get(f"/v1/jobs/{job_id}/artifacts").json()["data"][i]["name"] for i in range(3)) == [
+        "model.onnx", "plan.json", "report.json"]  # the stored preparation is no artifact
+    trials = service.get(f"/v1/jobs/{job_id}/trials").json()["data"]
+    assert trials and all(t["worker"] in ("w1", "w2") for t in trials)
+    # baseline + every trial that called the evaluation + the ONNX Runtime check, whichever worker
+    assert job["progress"]["evaluations"] == 1 + sum(t["evaluated"] for t in trials) + 1, [(t["number"], t["state"], t["worker"], t["evaluated"], t["summary"], t["error"]) for t in trials]
+    evaluated = [t["summary"] for t in trials if t["evaluated"] and t["state"] == "COMPLETE"]
+    assert len(evaluated) == len(set(evaluated))  # no plan evaluated twice

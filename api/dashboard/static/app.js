@@ -327,14 +327,31 @@
         el("td", { class: "num" }, fmtNum(t.score)),
         el("td", { class: "num" }, dropCell(job, t.drop)),
         el("td", { class: "num" }, fmtPct(t.coverage)),
-        el("td", { class: "num" }, fmtDuration(t.duration_s))));
+        el("td", { class: "num" }, fmtDuration(t.duration_s)),
+        el("td", { class: "worker small", title: t.worker || "" }, t.worker || "–")));
       const tbody = document.querySelector("#trials tbody");
       if (!rows.length) rows.push(el("tr", { class: "empty" }, el("td", { colspan: 8 }, "No trials yet.")));
+      renderByWorker();
       tbody.replaceChildren(...rows);
       document.getElementById("trial-count").textContent = trials.length ? "(" + trials.length + ")" : "";
       for (const th of document.querySelectorAll("#trials th[data-key]")) {
         th.setAttribute("aria-sort", th.dataset.key === sort.key ? (sort.dir > 0 ? "ascending" : "descending") : "none");
       }
+    }
+
+    // per worker: trials run and evaluations made (the job's figures are their sums, plus the
+    // baseline and the final ONNX Runtime check)
+    function renderByWorker() {
+      const by = new Map();
+      for (const t of trials) {
+        if (!t.worker) continue;
+        const w = by.get(t.worker) || { trials: 0, evaluated: 0 };
+        w.trials += 1;
+        if (t.evaluated) w.evaluated += 1;
+        by.set(t.worker, w);
+      }
+      const parts = [...by.entries()].sort().map(([name, w]) => name + ": " + w.trials + " trial(s), " + w.evaluated + " evaluated");
+      document.getElementById("by-worker").textContent = parts.length ? "By worker — " + parts.join("; ") : "";
     }
 
     // plots

@@ -1,0 +1,78 @@
+"""The structured search with several workers: points other workers are evaluating are pending,
+and a worker takes the most useful point that is neither known nor pending."""
+
+import json
+
+from tuner.search import SAMPLE, WAIT, Strategy
+from tuner.space import SearchSpace
+from tuner.study import Outcome
+
+NAIVE = SearchSpace.from_dict({"activation": ["max"], "weights": ["per_tensor"], "scheme": ["affine"], "smooth": False})
+
+
+def key(point):
+    return json.dumps(point, sort_keys=True)
+
+
+def at(k):
+    return key(NAIVE.point(k))
+
+
+def outcomes(met_from, *counts):
+    """Outcomes of the given fallback counts: a count meets the budget when >= met_from."""
+    return {at(k): Outcome(i, "COMPLETE", at(k), 1.0, 0.0 if k >= met_from else 0.5, 1 - k / 100, k >= met_from,
+                           None, 1.0, 0.0) for i, k in enumerate(counts)}
+
+
+def fallback(point):
+    return point["fallback"] if isinstance(point, dict) else point
+
+
+def test_one_worker_doubles_then_bisects_then_samples():
+    strategy = Strategy(NAIVE, 16, key)
+    assert fallback(strategy.next_point({})) == 0
+    assert fallback(strategy.next_point(outcomes(6, 0))) == 1
+    assert fallback(strategy.next_point(outcomes(6, 0, 1, 2, 4))) == 8
+    assert fallback(strategy.next_point(outcomes(6, 0, 1, 2, 4, 8))) == 6  # bisect (4, 8)
+    assert fallback(strategy.next_point(outcomes(6, 0, 1, 2, 4, 8, 6))) == 5
+    # 6 is the fewest; with one INT8 setting a plan is its fallback count: nothing left to sample
+    assert strategy.next_point(outcomes(6, 0, 1, 2, 4, 8, 6, 5)) is None
+
+
+def test_with_several_settings_alternatives_then_the_sampler_follow_the_bisection():
+    space = SearchSpace.from_dict({**NAIVE.to_dict(), "activation": ["max", "mse"]})
+    strategy = Strategy(space, 4, key)
+    known = {key(space.point(k)): o for k, o in zip((0, 1), outcomes(1, 0, 1).values())}
+    alternative = strategy.next_point(known)
+    assert alternative == space.point(0, activation="mse", smooth=False)
+    known[key(alternative)] = Outcome(9, "COMPLETE", key(alternative), 1.0, 0.5, 1.0, False, None, 1.0, 0.0)
+    assert strategy.next_point(known) == SAMPLE
+
+
+def test_spare_workers_take_the_counts_that_would_follow_a_miss():
+    strategy = Strategy(NAIVE, 4, key)
+    assert fallback(strategy.next_point({}, {at(0)})) == 1
+    assert fallback(strategy.next_point({}, {at(0), at(1)})) == 2
+    assert fallback(strategy.next_point({}, {at(0), at(1), at(2)})) == 3
+    assert strategy.next_point({}, {at(0), at(1), at(2), at(3)}) == WAIT
+    assert strategy.next_point(outcomes(2, 0), {at(1), at(2), at(3)}) == WAIT
+
+
+def test_spare_workers_bisect_both_sides_of_a_pending_midpoint():
+    strategy = Strategy(NAIVE, 16, key)
+    known = outcomes(6, 0, 1, 2, 4, 8)  # the answer lies in (4, 8]
+    assert fallback(strategy.next_point(known, {at(6)})) == 5  # the lower side first: more INT8 if it meets
+    assert fallback(strategy.next_point(known, {at(6), at(5)})) == 7
+    assert strategy.next_point(known, {at(6), at(5), at(7)}) == WAIT
+
+
+def test_a_met_full_int8_plan_ends_the_search_whatever_is_running():
+    strategy = Strategy(NAIVE, 4, key)
+    assert strategy.next_point(outcomes(0, 0), {at(1), at(2)}) is None
+
+
+def test_no_sampling_while_a_pending_point_could_still_improve_the_best():
+    strategy = Strategy(NAIVE, 16, key)
+    known = outcomes(1, 0, 2)  # 2 met, 1 pending: it may meet with fewer layers in FP32
+    assert strategy.next_point(known, {at(1)}) == WAIT
+    assert strategy.next_point(outcomes(1, 0, 2, 1)) is None
