@@ -1,8 +1,8 @@
 """A conv-heavy CNN on scikit-learn's digits upsampled to 32x32, with one outlier channel.
 
 The example where INT8 pays off on ONNX Runtime: four 3x3 convs of 32 to 128 channels (trained
-with BatchNorm, folded into the convs here: through the service the model travels as a
-torch.export archive, whose BatchNorm modules quanttune's folding cannot read yet) do ~19M
+with BatchNorm, folded into the convs once trained, so the example is plain convs; quanttune
+would fold them itself, in an uploaded torch.export archive too) do ~19M
 multiply-adds per image, enough that ONNX Runtime's INT8 kernels (QLinearConv) beat FP32 even at
 batch 1 on one thread, where `tuner.examples.digits` (~0.3M) is all call overhead. Trained in about ten seconds
 (three epochs, seeded, on one thread whatever the caller's setting, so the weights do not
