@@ -131,13 +131,36 @@ class Calibration:
 
     def tensor_qparams(self, site: str, plan: Plan) -> QParams:
         """A site's quantization: the scale of the INT8 layer reading it directly when there is one
-        (one tensor, one scale), else its own range ('max', affine UINT8: what QLinearAdd takes)."""
-        for layer in self.graph.direct_inputs.get(site, []) if self.graph else []:
-            config = plan.config(layer)
-            if config.int8 and not config.smooth and not config.symmetric and not self.layers[layer].weight_only:
-                return self.activation_qparams(layer, config.activation, False)
-        lo, hi = self.tensors[site].range("max", False)
+        (one tensor, one scale), else its own range ('max', affine UINT8: what QLinearAdd takes).
+        Sites that only move data from one another (`graph.same_scale`) share one scale."""
+        graph = self.graph
+        if graph is None:
+            lo, hi = self.tensors[site].range("max", False)
+            return compute_qparams(lo, hi, symmetric=False, qtype=UINT8)
+
+        def root(s: str) -> str:
+            return root(graph.same_scale[s]) if s in graph.same_scale else s
+
+        group = [s for s in self.tensors if root(s) == root(site)]
+        for member in group:
+            for layer in graph.direct_inputs.get(member, []):
+                config = plan.config(layer)
+                if config.int8 and not config.smooth and not config.symmetric and not self.layers[layer].weight_only:
+                    return self.activation_qparams(layer, config.activation, False)
+        lo, hi = self.tensors[root(site)].range("max", False)
         return compute_qparams(lo, hi, symmetric=False, qtype=UINT8)
+
+    def shared_input(self, name: str, plan: Plan, sites: dict[str, str]) -> QParams | None:
+        """The quantization of layer `name`'s input when that input is a quantized site (`sites`,
+        from `output_sites`) that the layer reads directly: the site's, so that every reader of one
+        tensor uses one scale (ONNX Runtime then requantizes nothing between them)."""
+        config = plan.config(name)
+        if self.graph is None or config.smooth or config.symmetric or self.layers[name].weight_only:
+            return None
+        for site, readers in self.graph.direct_inputs.items():
+            if name in readers and site in sites:
+                return self.tensor_qparams(site, plan)
+        return None
 
     def runs_float(self, plan: Plan) -> dict[str, str]:
         """INT8 layers of `plan` that ONNX Runtime would still run in float, and why."""

@@ -87,6 +87,9 @@ class ModelGraph:
     conv_outputs: dict[str, ConvOutput] = field(default_factory=dict)
     joins: list[Join] = field(default_factory=list)
     direct_inputs: dict[str, list[str]] = field(default_factory=dict)  # site -> layers reading it directly
+    # site -> the site it only moves data from (max-pooling, reshapes): both take one scale, so the
+    # runtime moves int8 data (NhwcMaxPool) instead of dequantizing, moving and requantizing
+    same_scale: dict[str, str] = field(default_factory=dict)
 
     @property
     def sites(self) -> list[str]:
@@ -199,7 +202,23 @@ def _analyse(program: torch.export.ExportedProgram, layers: set[str], model: nn.
     for site in result.sites:
         result.direct_inputs[site] = []
     _direct_inputs(graph, scopes, params, layers, result)
+    _moved_sites(graph, scopes, result)
     return result
+
+
+def _moved_sites(graph: torch.fx.Graph, scopes: _Scopes, result: ModelGraph) -> None:
+    sites = set(result.sites)
+    for node in graph.nodes:
+        site = scopes.site_of(node) if op_name(node) in MOVE_OPS else None
+        if site not in sites:
+            continue
+        source = node.args[0]
+        while isinstance(source, torch.fx.Node):
+            origin = scopes.site_of(source)
+            if origin in sites and origin != site:
+                result.same_scale[site] = origin
+                break
+            source = source.args[0] if op_name(source) in MOVE_OPS and source.args else None
 
 
 def _activated(node: torch.fx.Node) -> torch.fx.Node:

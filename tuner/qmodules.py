@@ -94,12 +94,14 @@ def quantize_output(module: nn.Module, qparams: QParams, why: str = "") -> None:
     module.register_forward_hook(module.output_quantizer)
 
 
-def quantized_layer(module: nn.Module, name: str, config: LayerConfig, calibration: Calibration) -> QuantizedLayer:
-    """`module` (the layer called `name`) simulated under the INT8 `config`."""
+def quantized_layer(module: nn.Module, name: str, config: LayerConfig, calibration: Calibration,
+                    act: QParams | None = None) -> QuantizedLayer:
+    """`module` (the layer called `name`) simulated under the INT8 `config`; `act` overrides its
+    input's quantization (an input tensor quantized once, with one scale, for every reader)."""
     wqp, fake_weight = calibration.weight(name, config.weights, config.smooth)
     if calibration.layers[name].weight_only:  # an embedding: its input is indices
         return QuantizedLayer(module, config, None, wqp, fake_weight)
-    act = calibration.activation_qparams(name, config.activation, config.symmetric, config.smooth)
+    act = act or calibration.activation_qparams(name, config.activation, config.symmetric, config.smooth)
     divisor = calibration.smoothing_factors(name, config.smooth) if config.smooth else None
     return QuantizedLayer(module, config, act, wqp, fake_weight, divisor)
 
@@ -121,8 +123,10 @@ def apply_plan(model: nn.Module, plan: Plan, calibration: Calibration, *, share_
     base = calibration.prepare(model)  # BatchNorms folded, as calibrated
     memo = {id(p): p for p in base.parameters()} if share_weights else {}
     new = copy.deepcopy(base, memo)
+    sites = calibration.output_sites(plan)
     for name in plan.int8_layers:
-        _set_submodule(new, name, quantized_layer(new.get_submodule(name), name, plan.layers[name], calibration))
-    for site, why in calibration.output_sites(plan).items():
+        act = calibration.shared_input(name, plan, sites)
+        _set_submodule(new, name, quantized_layer(new.get_submodule(name), name, plan.layers[name], calibration, act))
+    for site, why in sites.items():
         quantize_output(new.get_submodule(site), calibration.tensor_qparams(site, plan), why)
     return new.eval()
