@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from tuner import FP32, InvalidPlanError, Plan, apply_plan, calibrate, export_onnx, layer_report, load_onnx
+from tuner import FP32, InvalidPlanError, LayerConfig, Plan, apply_plan, calibrate, export_onnx, layer_report, load_onnx
 from tuner.onnx_runtime import session_options
 
 
@@ -33,11 +33,12 @@ class TinyResNet(nn.Module):
     def __init__(self, c: int = 8):
         super().__init__()
         self.conv1, self.bn1, self.relu = nn.Conv2d(1, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()
+        self.maxpool = nn.MaxPool2d(2)
         self.layer1 = nn.Sequential(BasicBlock(c), BasicBlock(c))
         self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(c, 10)
 
     def forward(self, x):
-        x = self.layer1(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
@@ -99,6 +100,14 @@ def test_every_int8_conv_and_residual_add_runs_an_int8_kernel(resnet, tmp_path):
     ops = optimized_ops(path, tmp_path)
     assert ops["QLinearConv"] == 5 and ops["Conv"] == 0
     assert ops["QLinearAdd"] == 2 and ops["BatchNormalization"] == 0
+
+    # one tensor, one scale: with the pooled tensor's reader calibrated by a percentile (not the
+    # stem's 'max'), the max-pooling still moves int8 data and nothing is requantized between INT8
+    # kernels (one QuantizeLinear for the input, one DQ/Q pair around the global pooling)
+    clipped = plan.replace({"layer1.0.conv1": LayerConfig(activation="percentile-99.9", weights="per_channel")})
+    ops = optimized_ops(export_onnx(model, clipped, calib, tmp_path / "clipped.onnx"), tmp_path)
+    assert ops["QLinearConv"] == 5 and ops["MaxPool"] == 0
+    assert ops["QuantizeLinear"] == 2 and ops["DequantizeLinear"] == 1
     simulated = apply_plan(model, plan, calib)
     with torch.no_grad():
         x = torch.cat(batches)
