@@ -73,6 +73,9 @@ class Strategy:
             return first
         if outcome(first) is not None and outcome(first).met:
             return None
+        if outcome(first) is not None and any(  # a met plan as INT8 as the full-INT8 one: nothing beats it
+                o.met and o.state == "COMPLETE" and o.coverage >= outcome(first).coverage for o in known.values()):
+            return None
         if not self.space.fallback or self.n == 0:  # nothing to do but wait for the full-INT8 plan
             return WAIT if pending(first) else None
         counts = self._counts(outcome, pending)
