@@ -16,7 +16,7 @@ from torch import nn
 
 from .batches import as_batches, batch_size, call_model
 from .errors import CalibrationError, InvalidPlanError
-from .graph import ModelGraph, fold_batchnorm, read_graph
+from .graph import ConvOutput, ModelGraph, fold_batchnorm, read_graph
 from .histogram import TensorStats
 from .plan import LayerConfig, Plan
 from .quant import INT8, UINT8, QParams, compute_qparams, fake_quantize, weight_qparams
@@ -113,7 +113,7 @@ class Calibration:
             if name not in int8 or out.site is None or out.site not in self.tensors:
                 continue
             quantized.add(name)
-            readers = [*out.others, *(c for c in out.consumers if c not in plain)]
+            readers = _float_readers(out, plain)
             if readers:
                 active.setdefault(out.site, f"output of INT8 conv {name} (read by {', '.join(dict.fromkeys(readers))})")
         for join in graph.joins:  # in graph order: a join fed by a quantized join is quantized too
@@ -171,9 +171,8 @@ class Calibration:
         }
         plain = {n for n in plan.int8_layers if not plan.config(n).smooth}
         for name, out in (self.graph.conv_outputs.items() if self.graph is not None else ()):
-            needs = out.others or any(c not in plain for c in out.consumers)
             placed = out.site in self.tensors and plan.tensors.get(out.site) != "fp32"
-            if name in plan.int8_layers and name not in slow and needs and not placed:
+            if name in plan.int8_layers and name not in slow and _float_readers(out, plain) and not placed:
                 slow[name] = out.reason or "its output cannot be quantized where a module returns it"
         return slow
     # -- quantization parameters -------------------------------------------------------------
@@ -253,6 +252,12 @@ class Calibration:
         }
 
 
+def _float_readers(out: ConvOutput, plain_int8: set[str]) -> list[str]:
+    """What reads a conv's output other than the plain (unsmoothed) INT8 layers: each is a reason
+    to quantize that output, or ONNX Runtime runs the conv in float."""
+    return [*out.others, *(c for c in out.consumers if c not in plain_int8)]
+
+
 def _check_known(named: Any, known: Any, what: str) -> None:
     unknown = sorted(set(named) - set(known))
     if unknown:
@@ -268,14 +273,15 @@ def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
 def calibrate(model: nn.Module, calibration: Any, *, max_bins: int = 4096) -> Calibration:
     """Run `model` once over `calibration` (an iterable of batches) and gather per-layer stats."""
     batches = as_batches(calibration)
-    if not quantizable_layers(model):
+    names = set(quantizable_layers(model))
+    if not names:
         raise CalibrationError(
             f"{type(model).__name__} has no quantizable layer (nn.Linear, nn.Conv1d/2d/3d, nn.Embedding) below its root."
         )
     source, was_training = model, model.training
     model.eval()
     try:
-        graph = read_graph(model, batches[0], set(quantizable_layers(model)))
+        graph = read_graph(model, batches[0], names)
     finally:
         model.train(was_training)
     model = fold_batchnorm(model, graph.folds) if graph is not None and graph.folds else model

@@ -64,7 +64,6 @@ class ConvOutput:
     site: str | None  # module whose output is the conv's (activated) output; None: not placeable
     consumers: list[str] = field(default_factory=list)  # quantizable layers reading it
     others: list[str] = field(default_factory=list)  # anything else reading it (op names)
-    activation_fused: bool = False  # the site is after a ReLU/ReLU6 that the runtime folds away
     reason: str | None = None  # why it cannot be placed
 
 
@@ -199,8 +198,6 @@ def _analyse(program: torch.export.ExportedProgram, layers: set[str], model: nn.
     for node, name in out_node.items():
         result.conv_outputs[name] = _conv_output(name, node, layer_nodes[name][0], scopes, params, layers)
     result.joins = _joins(graph, scopes, out_node)
-    for site in result.sites:
-        result.direct_inputs[site] = []
     _direct_inputs(graph, scopes, params, layers, result)
     _moved_sites(graph, scopes, result)
     return result
@@ -261,11 +258,10 @@ def _conv_output(name: str, node: torch.fx.Node, call: torch.fx.Node, scopes: _S
     activated = _activated(node)
     consumers, others = _readers(activated, params, layers)
     site = scopes.site_of(activated)
-    fused = site is not None and activated is not node
     for earlier in (node, call):  # else before the activation, else at the conv itself: still INT8
         site = site or scopes.site_of(earlier)
     reason = None if site else "no module returns this convolution's output by itself"
-    return ConvOutput(name, site, consumers, others, fused, reason)
+    return ConvOutput(name, site, consumers, others, reason)
 
 
 def _joins(graph: torch.fx.Graph, scopes: _Scopes, out_node: dict[torch.fx.Node, str]) -> list[Join]:
@@ -295,13 +291,13 @@ def _joins(graph: torch.fx.Graph, scopes: _Scopes, out_node: dict[torch.fx.Node,
 def _direct_inputs(graph: torch.fx.Graph, scopes: _Scopes, params: dict[str, str], layers: set[str],
                    result: ModelGraph) -> None:
     """For each site: the layers whose data input is exactly that tensor (they can share its scale)."""
-    wanted = set(result.direct_inputs)
+    result.direct_inputs = {site: [] for site in result.sites}
     for node in graph.nodes:
         layer = _layer_of(node, params, layers)
         source = node.args[0] if layer is not None else None
         if isinstance(source, torch.fx.Node):
             site = scopes.site_of(source)
-            if site in wanted:
+            if site in result.direct_inputs:
                 result.direct_inputs[site].append(layer)
 
 
