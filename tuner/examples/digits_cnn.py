@@ -64,11 +64,11 @@ class DigitsConvNet(nn.Module):
 @functools.cache
 def _splits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     x, y, x_test, y_test = digits._splits()
+    return _upsample(x), y, _upsample(x_test), y_test
 
-    def resize(images: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
 
-    return resize(x), y, resize(x_test), y_test
+def _upsample(images: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
 
 
 @functools.cache
@@ -124,13 +124,10 @@ def build_model() -> nn.Module:
 
 def calibration_data() -> list[torch.Tensor]:
     """The images of `tuner.examples.digits.calibration_data`, upsampled: 4 batches [32, 1, 32, 32]."""
-    x, _, _, _ = _splits()
-    picked = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(SEED + 1))[:128]]
-    return [picked[i : i + 32] for i in range(0, 128, 32)]
+    return [_upsample(batch) for batch in digits.calibration_data()]
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module) -> float:
     """Top-1 accuracy (%) on the held-out split."""
     _, _, x, y = _splits()
-    return 100.0 * float((model(x).argmax(1) == y).float().mean())
+    return digits.top1(model, x, y)
