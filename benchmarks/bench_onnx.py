@@ -56,6 +56,7 @@ import onnxruntime as ort  # noqa: E402
 
 from tuner import LayerConfig, Plan, apply_plan, calibrate, export_onnx, load_onnx, tune  # noqa: E402
 from tuner.examples.vision import build_model, digits_data, train_on_digits  # noqa: E402
+from tuner import onnx_kernels  # noqa: E402
 from tuner.onnx_runtime import latency, session_options  # noqa: E402
 
 BENCH = pathlib.Path(os.environ.get("QUANTTUNE_BENCH_DIR", ROOT.parent / "shared" / "bench"))
@@ -127,10 +128,7 @@ def cases(names: list[str]):
 
 def optimized_graph(path: pathlib.Path, tmp: pathlib.Path) -> onnx.GraphProto:
     """The graph ONNX Runtime (CPU) runs after all its optimizations, QDQ fusions included."""
-    options = session_options(threads=1)
-    options.optimized_model_filepath = str(tmp / "optimized.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return onnx.load(options.optimized_model_filepath).graph
+    return onnx_kernels.optimized_graph(path, tmp).graph
 
 
 def kernel_report(path: pathlib.Path, tmp: pathlib.Path) -> Counter:

@@ -245,7 +245,6 @@ def export_onnx(
         raise ExportError(f"{type(model).__name__} returned no tensor on the example batch: nothing to export.")
 
     flat = FlatModel(exported, spec).eval()
-    int8 = plan.int8_layers
     try:
         with _quiet(), torch.no_grad():
             program = torch.onnx.export(

@@ -14,7 +14,6 @@ import math
 from functools import partial
 
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -27,7 +26,7 @@ from tuner.examples.vision.mobilenetv2 import mobilenet_v2
 from tuner.examples.vision.mobilenetv3 import InvertedResidualConfig, MobileNetV3
 from tuner.examples.vision.resnet import resnet18
 from tuner.examples.vision.shufflenetv2 import shufflenet_v2
-from tuner.onnx_runtime import session_options
+from tuner import onnx_kernels
 
 IMAGE_SIZE = 16
 INT8_KERNELS = {"QLinearConv", "QGemm", "MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "ConvInteger"}
@@ -177,10 +176,7 @@ def optimized_graph(onnx_bytes: bytes, tmp_path) -> onnx.ModelProto:
     """The graph ONNX Runtime executes on CPU after all its optimizations (QDQ fusions included)."""
     source = tmp_path / "model.onnx"
     source.write_bytes(onnx_bytes)
-    options = session_options(threads=1)
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
-    return onnx.load(options.optimized_model_filepath)
+    return onnx_kernels.optimized_graph(source, tmp_path)
 
 
 def test_every_int8_layer_runs_an_int8_kernel(trained, tuned, tmp_path):

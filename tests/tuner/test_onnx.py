@@ -28,6 +28,7 @@ from tuner import (
 )
 from tuner.batches import call_model
 from tuner.examples import digits
+from tuner.onnx_kernels import optimized_graph
 from tuner.onnx_runtime import latency, read_metadata, session_options
 from tuner.quant import quantize
 
@@ -118,10 +119,7 @@ def value_of(proto: onnx.ModelProto, name: str) -> np.ndarray:
 
 def optimized_ops(path, tmp_path) -> list[str]:
     """The operators ONNX Runtime actually runs after its graph optimizations (QDQ fusion)."""
-    options = session_options(threads=1)
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    return [n.op_type for n in optimized_graph(path, tmp_path).graph.node]
 
 
 def simulated_inputs(simulated: nn.Module, batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -4,13 +4,12 @@ checked on ONNX Runtime's own optimized graph."""
 from collections import Counter
 
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
 
 from tuner import FP32, InvalidPlanError, LayerConfig, Plan, apply_plan, calibrate, export_onnx, layer_report, load_onnx
-from tuner.onnx_runtime import session_options
+from tuner.onnx_kernels import optimized_graph
 
 
 class BasicBlock(nn.Module):
@@ -76,10 +75,7 @@ def resnet():
 
 
 def optimized_ops(path, tmp_path) -> Counter:
-    options = session_options(threads=1)
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    return Counter(n.op_type for n in optimized_graph(path, tmp_path).graph.node)
 
 
 def test_batchnorm_is_folded_and_the_callers_model_untouched(resnet, tmp_path):
