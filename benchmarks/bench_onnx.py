@@ -57,11 +57,14 @@ import onnxruntime as ort  # noqa: E402
 from tuner import LayerConfig, Plan, apply_plan, calibrate, export_onnx, load_onnx, tune  # noqa: E402
 from tuner.examples.vision import build_model, digits_data, train_on_digits  # noqa: E402
 from tuner import onnx_kernels  # noqa: E402
+from tuner.batches import batch_size  # noqa: E402
+from tuner.deployment import first_samples  # noqa: E402
 from tuner.onnx_runtime import latency, session_options  # noqa: E402
 
 BENCH = pathlib.Path(os.environ.get("QUANTTUNE_BENCH_DIR", ROOT.parent / "shared" / "bench"))
 CONFIG = LayerConfig(activation="mse", weights="per_channel")
 INT8_KERNELS = ("QLinearConv", "QGemm", "MatMulIntegerToFloat", "QLinearMatMul", "ConvInteger", "MatMulInteger")
+MATMULS = ("MatMul", "FusedMatMul", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat")
 TARGET_SPEEDUP, TARGET_SIZE, TARGET_DROP = 1.8, 0.30, 0.002
 CACHE = pathlib.Path(os.environ.get("QUANTTUNE_CACHE_DIR", pathlib.Path.home() / ".cache" / "quanttune" / "bench"))
 VISION_SIZE, VISION_BATCHES = 32, (1, 32)
@@ -198,31 +201,74 @@ def run_case(name, model, batches, timing_batch, evaluate, args, tmp: pathlib.Pa
                    simulated_drop=(baseline - simulated) / abs(baseline),
                    deployed_drop=(baseline - deployed) / abs(baseline),
                    deployed_vs_simulated=(deployed - simulated) / abs(baseline))
-        row["tuned"] = tuned_row(model, batches, evaluate)
+        result, row["tuned"] = tuned_row(model, batches, evaluate)
+        row["static"] = static_comparison(name, model, batches, evaluate, result, fp32_path, args, tmp)
     row["seconds"] = time.perf_counter() - start
     return row
 
 
 def tuned_row(model, batches, evaluate) -> dict:
     """What `tune` delivers with a budget of TARGET_DROP: its plan's simulated score and the score of
-    the ONNX file it exported (verify=True), plus that file's size."""
+    the ONNX file it exported (verify=True), plus that file's size; and the TuneResult."""
     result = tune(model, batches, evaluate, max_drop=TARGET_DROP, verbose=False)
-    return {"baseline": result.baseline, "simulated": result.score, "deployed": result.deployed_score,
+    return result, {"baseline": result.baseline, "simulated": result.score, "deployed": result.deployed_score,
             "simulated_drop": result.drop, "deployed_drop": result.deployed_drop, "met": result.met,
             "int8_layers": len(result.int8_layers), "fp32_layers": len(result.fp32_layers),
             "evaluations": result.evaluations, "int8_bytes": len(result.onnx or b""), "plan": result.plan.to_dict()}
 
 
+def static_comparison(name, model, batches, evaluate, result, fp32_path, args, tmp: pathlib.Path) -> dict:
+    """The file `tune` delivered against ONNX Runtime's `quantize_static` of the FP32 export (its
+    defaults quantize every MatMul, attention's included, and the Adds, Softmax, ... around them):
+    the kernels of both optimized graphs, the static file's metric, and ORT FP32, quanttune and
+    static timed in turns at batch 1 and the calibration batch (the case's own sequence lengths)."""
+    tuned_path = tmp / f"{name}-tuned.onnx"
+    if result.onnx is not None:  # the very file tune verified
+        tuned_path.write_bytes(result.onnx)
+    else:
+        result.export_onnx(tuned_path)
+    static_path = ort_quantize_static(fp32_path, batches, tmp)
+    check = result.deployment.kernels if result.deployment is not None else None
+    row = {"kernels": {**int8_kernels(optimized_graph(tuned_path, tmp)),
+                       "planned": len(check.planned_int8) if check else None,
+                       "running": len(check.running_int8) if check else None,
+                       "float_layers": check.running_float if check else None},
+           "static_kernels": int8_kernels(optimized_graph(static_path, tmp)),
+           "static_score": float(evaluate(Session(static_path, threads=max(args.threads)))),
+           "bytes": {"quanttune": tuned_path.stat().st_size, "ort_static": static_path.stat().st_size},
+           "load": os.getloadavg()[0], "latency": {}}
+    torch_threads = torch.get_num_threads()
+    try:
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            models = {"ort_fp32": load_onnx(fp32_path, threads=threads), "quanttune": load_onnx(tuned_path, threads=threads),
+                      "ort_static": Session(static_path, threads)}
+            for size in sorted({1, batch_size(batches[0])}):
+                timed = latency(models, first_samples(batches[0], size), runs=args.runs, warmup=3)
+                t = {k: v["median"] * 1000 for k, v in timed.items()}
+                t["quanttune_vs_fp32"] = t["ort_fp32"] / t["quanttune"]
+                t["static_vs_fp32"] = t["ort_fp32"] / t["ort_static"]
+                t["quanttune_vs_static"] = t["ort_static"] / t["quanttune"]
+                row["latency"][f"{threads}/{size}"] = t
+    finally:
+        torch.set_num_threads(torch_threads)
+    row["load_after"] = os.getloadavg()[0]
+    return row
+
+
 class Session:
     """A plain ONNX Runtime session (a file quanttune did not export, such as ORT's quantize_static
-    output) called like the model: one image batch in, logits out."""
+    output) called like the model: its positional input tensors in, its first output out."""
 
     def __init__(self, path: pathlib.Path, threads: int | None):
         self.session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
+        self.inputs = [i.name for i in self.session.get_inputs()]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])
+    def eval(self) -> Session:  # evaluate() functions call model.eval()
+        return self
+
+    def __call__(self, *xs: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, dict(zip(self.inputs, (x.numpy() for x in xs))))[0])
 
 
 def trained_vision_model(name: str, cache_dir: pathlib.Path) -> nn.Module:
@@ -255,28 +301,43 @@ def ort_quantize_static(fp32_path: pathlib.Path, batches: list[torch.Tensor], tm
                                           quant_pre_process, quantize_static)
 
     class Reader(CalibrationDataReader):
-        def __init__(self, name: str):
-            self.feeds = iter([{name: b.numpy()} for b in batches])
+        def __init__(self, names: list[str]):
+            self.feeds = iter([{n: t.numpy() for n, t in zip(names, b if isinstance(b, (tuple, list)) else (b,))}
+                               for b in batches])
 
         def get_next(self):
             return next(self.feeds, None)
 
     prepared = tmp / f"{fp32_path.stem}-prepared.onnx"
-    quant_pre_process(str(fp32_path), str(prepared))
+    try:
+        quant_pre_process(str(fp32_path), str(prepared))
+    except Exception:  # noqa: BLE001  ORT's symbolic shape inference gives up on MiniLM: ONNX's instead
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
     output = tmp / f"{fp32_path.stem.removesuffix('-fp32')}-ort-static.onnx"
-    quantize_static(str(prepared), str(output), Reader(onnx.load(str(prepared)).graph.input[0].name),
+    quantize_static(str(prepared), str(output), Reader([i.name for i in onnx.load(str(prepared)).graph.input]),
                     quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
     return output
+
+
+def activation_matmuls(graph: onnx.GraphProto) -> Counter:
+    """The kernels of the MatMuls whose both operands are activations (attention's Q.K^T and
+    weights.V), by operator: a weight's MatMul reads an initializer."""
+    weights = {i.name for i in graph.initializer}
+    second = {"QLinearMatMul": 3}  # QLinearMatMul(a, a_scale, a_zero_point, b, ...)
+    return Counter(n.op_type for n in graph.node if n.op_type in MATMULS and n.input[second.get(n.op_type, 1)]
+                   not in weights)
 
 
 def int8_kernels(graph: onnx.GraphProto) -> dict:
     """INT8 compute kernels (conv/gemm/matmul) and other quantized ops (QLinearAdd, ...) in a graph."""
     ops = Counter(n.op_type for n in graph.node)
     return {"int8": sum(ops[k] for k in INT8_KERNELS), "kernels": {k: ops[k] for k in INT8_KERNELS if ops[k]},
+            "attention": dict(activation_matmuls(graph)),
             "other_quantized": {k: v for k, v in sorted(ops.items()) if k.startswith("QLinear") and k not in
                                 INT8_KERNELS},
-            "float": {k: ops[k] for k in ("Conv", "FusedConv", "Gemm", "MatMul", "FusedGemm", "BatchNormalization")
+            "float": {k: ops[k] for k in ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm",
+                                                 "BatchNormalization")
                       if ops[k]}}
 
 
@@ -388,6 +449,39 @@ def print_table(rows: list[dict], threads: list[int]) -> None:
              for r, t, lat in per_thread(with_embeddings)))
 
 
+def print_static(rows: list[dict]) -> None:
+    """The plan `tune` picks against ORT's quantize_static (all its default op types, attention's
+    MatMuls included), timed in turns; kernels of both optimized graphs."""
+    rows = [r for r in rows if "static" in r]
+    if not rows:
+        return
+    print("\nThe tuned file against ONNX Runtime's quantize_static (QDQ, per-channel, U8 activations, MinMax, "
+          "default op types: attention's MatMuls too), timed in turns (ms, median):")
+    print_markdown(
+        ["case", "threads", "batch", "ORT FP32", "quanttune INT8", "ORT static INT8", "quanttune vs FP32",
+         "static vs FP32", "quanttune vs static", "load"],
+        ([r["case"], *key.split("/"), f"{t['ort_fp32']:.2f}", f"{t['quanttune']:.2f}", f"{t['ort_static']:.2f}",
+          f"{t['quanttune_vs_fp32']:.2f}x", f"{t['static_vs_fp32']:.2f}x", f"{t['quanttune_vs_static']:.2f}x",
+          f"{r['static']['load']:.1f}-{r['static']['load_after']:.1f}"]
+         for r in rows for key, t in r["static"]["latency"].items()))
+
+    def kernels(k: dict) -> str:
+        text = ", ".join(f"{v} {op}" for op, v in k["kernels"].items())
+        other = ", ".join(f"{v} {op}" for op, v in k["other_quantized"].items())
+        attention = ", ".join(f"{v} {op}" for op, v in k["attention"].items())
+        return text + (f" (+{other})" if other else "") + (f"; attention: {attention}" if attention else "")
+
+    print()
+    print_markdown(
+        ["case", "quanttune kernels", "planned INT8 layers running INT8", "static kernels", "FP32 metric", "tuned sim",
+         "tuned deployed", "static", "quanttune file", "static file"],
+        ([r["case"], kernels(st["kernels"]), f"{st['kernels']['running']}/{st['kernels']['planned']}",
+          kernels(st["static_kernels"]), f"{t['baseline']:.3f}", f"{t['simulated']:.3f}",
+          "-" if t["deployed"] is None else f"{t['deployed']:.3f}", f"{st['static_score']:.3f}",
+          f"{st['bytes']['quanttune'] / r['fp32_bytes']:.1%}", f"{st['bytes']['ort_static'] / r['fp32_bytes']:.1%}"]
+         for r in rows for st, t in [(r["static"], r["tuned"])]))
+
+
 def print_targets(rows: list[dict]) -> None:
     for r in rows:
         checks = []
@@ -404,6 +498,19 @@ def print_targets(rows: list[dict]) -> None:
                           f"deployed {t['deployed_drop']:+.3%} (<= {TARGET_DROP:.1%}: "
                           f"{'PASS' if worst <= TARGET_DROP else 'FAIL'}); fixed all-mse plan: sim "
                           f"{r['simulated_drop']:+.3%} / deployed {r['deployed_drop']:+.3%}")
+        if "static" in r:
+            st, t = r["static"], r["tuned"]
+            k = st["kernels"]
+            checks.append(f"{k['running']}/{k['planned']} planned INT8 layers run INT8 kernels "
+                          f"({'PASS' if k['running'] == k['planned'] else 'FAIL'})")
+            if t["deployed"] is not None:
+                gap = abs(t["deployed"] - t["simulated"]) / abs(t["baseline"])
+                checks.append(f"deployed vs simulated {gap:.3%} of the baseline (<= {TARGET_DROP:.1%}: "
+                              f"{'PASS' if gap <= TARGET_DROP else 'FAIL'})")
+            for key, v in st["latency"].items():
+                if key.startswith("1/"):
+                    checks.append(f"batch {key[2:]}, 1 thread: {v['quanttune_vs_static']:.2f}x static (>= 1: "
+                                  f"{'PASS' if v['quanttune_vs_static'] >= 1 else 'FAIL'})")
         print(f"  {r['case']}: " + "; ".join(checks))
 
 
@@ -503,6 +610,7 @@ def main() -> None:
             print(f"[{name}] done in {vision_rows[-1]['seconds']:.0f} s", flush=True)
     if rows:
         print_table(rows, args.threads)
+        print_static(rows)
     if vision_rows:
         print_vision(vision_rows)
     print("\nTargets (drop = (baseline - x) / |baseline|; a negative drop is a gain):")
