@@ -218,37 +218,43 @@ def tuned_row(model, batches, evaluate) -> dict:
 
 
 def static_comparison(name, model, batches, evaluate, result, fp32_path, args, tmp: pathlib.Path) -> dict:
-    """The file `tune` delivered against ONNX Runtime's `quantize_static` of the FP32 export (its
-    defaults quantize every MatMul, attention's included, and the Adds, Softmax, ... around them):
-    the kernels of both optimized graphs, the static file's metric, and ORT FP32, quanttune and
-    static timed in turns at batch 1 and the calibration batch (the case's own sequence lengths)."""
+    """The file `tune` delivered against ONNX Runtime's `quantize_static` of the FP32 export: with
+    its default op types (every MatMul, attention's included, and the Adds, Softmax, Where ...
+    around them) and, for a model with attention (MatMuls of two activations), with MatMul only
+    (its Linears and its attention MatMuls). The kernels of the optimized graphs, the static files'
+    metrics, and ORT FP32, quanttune and the static files timed in turns at batch 1 and the
+    calibration batch (the case's own sequence lengths)."""
     tuned_path = tmp / f"{name}-tuned.onnx"
     if result.onnx is not None:  # the very file tune verified
         tuned_path.write_bytes(result.onnx)
     else:
         result.export_onnx(tuned_path)
-    static_path = ort_quantize_static(fp32_path, batches, tmp)
+    statics = {"ort_static": ort_quantize_static(fp32_path, batches, tmp)}
+    if activation_matmuls(onnx.load(str(fp32_path), load_external_data=False).graph):
+        statics["ort_static_matmul"] = ort_quantize_static(fp32_path, batches, tmp, op_types=["MatMul"])
     check = result.deployment.kernels if result.deployment is not None else None
     row = {"kernels": {**int8_kernels(optimized_graph(tuned_path, tmp)),
                        "planned": len(check.planned_int8) if check else None,
                        "running": len(check.running_int8) if check else None,
                        "float_layers": check.running_float if check else None},
-           "static_kernels": int8_kernels(optimized_graph(static_path, tmp)),
-           "static_score": float(evaluate(Session(static_path, threads=max(args.threads)))),
-           "bytes": {"quanttune": tuned_path.stat().st_size, "ort_static": static_path.stat().st_size},
-           "load": os.getloadavg()[0], "latency": {}}
+           "statics": {key: {"kernels": int8_kernels(optimized_graph(path, tmp)),
+                             "score": float(evaluate(Session(path, threads=max(args.threads)))),
+                             "bytes": path.stat().st_size} for key, path in statics.items()},
+           "quanttune_bytes": tuned_path.stat().st_size, "load": os.getloadavg()[0], "latency": {}}
     torch_threads = torch.get_num_threads()
     try:
         for threads in args.threads:
             torch.set_num_threads(threads)
             models = {"ort_fp32": load_onnx(fp32_path, threads=threads), "quanttune": load_onnx(tuned_path, threads=threads),
-                      "ort_static": Session(static_path, threads)}
+                      **{key: Session(path, threads) for key, path in statics.items()}}
             for size in sorted({1, batch_size(batches[0])}):
                 timed = latency(models, first_samples(batches[0], size), runs=args.runs, warmup=3)
                 t = {k: v["median"] * 1000 for k, v in timed.items()}
-                t["quanttune_vs_fp32"] = t["ort_fp32"] / t["quanttune"]
-                t["static_vs_fp32"] = t["ort_fp32"] / t["ort_static"]
-                t["quanttune_vs_static"] = t["ort_static"] / t["quanttune"]
+                for key in models:
+                    if key != "ort_fp32":
+                        t[f"{key}_vs_fp32"] = t["ort_fp32"] / t[key]
+                    if key.startswith("ort_static"):
+                        t[f"quanttune_vs_{key.removeprefix('ort_')}"] = t[key] / t["quanttune"]
                 row["latency"][f"{threads}/{size}"] = t
     finally:
         torch.set_num_threads(torch_threads)
@@ -293,10 +299,12 @@ def trained_vision_model(name: str, cache_dir: pathlib.Path) -> nn.Module:
     return model
 
 
-def ort_quantize_static(fp32_path: pathlib.Path, batches: list[torch.Tensor], tmp: pathlib.Path) -> pathlib.Path:
+def ort_quantize_static(fp32_path: pathlib.Path, batches: list, tmp: pathlib.Path,
+                        op_types: list[str] | None = None) -> pathlib.Path:
     """ONNX Runtime's own static quantization of the FP32 file, as its documentation does it:
     `quant_pre_process` (shape inference, graph optimizations such as Conv+BatchNorm fusion), then
-    `quantize_static` (QDQ, per-channel INT8 weights, UINT8 activations, MinMax) on our batches."""
+    `quantize_static` (QDQ, per-channel INT8 weights, UINT8 activations, MinMax) on our batches;
+    `op_types`: the operators to quantize (default: quantize_static's, every one it can)."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quant_pre_process, quantize_static)
 
@@ -313,10 +321,12 @@ def ort_quantize_static(fp32_path: pathlib.Path, batches: list[torch.Tensor], tm
         quant_pre_process(str(fp32_path), str(prepared))
     except Exception:  # noqa: BLE001  ORT's symbolic shape inference gives up on MiniLM: ONNX's instead
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-    output = tmp / f"{fp32_path.stem.removesuffix('-fp32')}-ort-static.onnx"
+    suffix = "" if op_types is None else "-" + "-".join(op_types)
+    output = tmp / f"{fp32_path.stem.removesuffix('-fp32')}-ort-static{suffix}.onnx"
     quantize_static(str(prepared), str(output), Reader([i.name for i in onnx.load(str(prepared)).graph.input]),
                     quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                    op_types_to_quantize=op_types)
     return output
 
 
@@ -450,18 +460,22 @@ def print_table(rows: list[dict], threads: list[int]) -> None:
 
 
 def print_static(rows: list[dict]) -> None:
-    """The plan `tune` picks against ORT's quantize_static (all its default op types, attention's
-    MatMuls included), timed in turns; kernels of both optimized graphs."""
+    """The plan `tune` picks against ORT's quantize_static (default op types, attention's MatMuls
+    included; and MatMul only), timed in turns; kernels of the optimized graphs; metrics."""
     rows = [r for r in rows if "static" in r]
     if not rows:
         return
-    print("\nThe tuned file against ONNX Runtime's quantize_static (QDQ, per-channel, U8 activations, MinMax, "
-          "default op types: attention's MatMuls too), timed in turns (ms, median):")
+    names = {"ort_static": "static (default op types)", "ort_static_matmul": "static (MatMul only)"}
+    print("\nThe tuned file against ONNX Runtime's quantize_static (QDQ, per-channel, U8 activations, MinMax; "
+          "attention's MatMuls quantized too), timed in turns (ms, median; speed-ups: the other's time over "
+          "quanttune's):")
     print_markdown(
-        ["case", "threads", "batch", "ORT FP32", "quanttune INT8", "ORT static INT8", "quanttune vs FP32",
-         "static vs FP32", "quanttune vs static", "load"],
+        ["case", "threads", "batch", "ORT FP32", "quanttune INT8", "static (default op types)", "static (MatMul only)",
+         "quanttune vs FP32", "quanttune vs static default", "quanttune vs static MatMul", "load"],
         ([r["case"], *key.split("/"), f"{t['ort_fp32']:.2f}", f"{t['quanttune']:.2f}", f"{t['ort_static']:.2f}",
-          f"{t['quanttune_vs_fp32']:.2f}x", f"{t['static_vs_fp32']:.2f}x", f"{t['quanttune_vs_static']:.2f}x",
+          f"{t['ort_static_matmul']:.2f}" if "ort_static_matmul" in t else "-", f"{t['quanttune_vs_fp32']:.2f}x",
+          f"{t['quanttune_vs_static']:.2f}x",
+          f"{t['quanttune_vs_static_matmul']:.2f}x" if "ort_static_matmul" in t else "-",
           f"{r['static']['load']:.1f}-{r['static']['load_after']:.1f}"]
          for r in rows for key, t in r["static"]["latency"].items()))
 
@@ -473,13 +487,15 @@ def print_static(rows: list[dict]) -> None:
 
     print()
     print_markdown(
-        ["case", "quanttune kernels", "planned INT8 layers running INT8", "static kernels", "FP32 metric", "tuned sim",
-         "tuned deployed", "static", "quanttune file", "static file"],
-        ([r["case"], kernels(st["kernels"]), f"{st['kernels']['running']}/{st['kernels']['planned']}",
-          kernels(st["static_kernels"]), f"{t['baseline']:.3f}", f"{t['simulated']:.3f}",
-          "-" if t["deployed"] is None else f"{t['deployed']:.3f}", f"{st['static_score']:.3f}",
-          f"{st['bytes']['quanttune'] / r['fp32_bytes']:.1%}", f"{st['bytes']['ort_static'] / r['fp32_bytes']:.1%}"]
-         for r in rows for st, t in [(r["static"], r["tuned"])]))
+        ["case", "file", "ORT kernels (optimized graph)", "metric", "drop", "file size"],
+        ([r["case"], label, kernels(k), f"{score:.3f}", f"{(r['tuned']['baseline'] - score) / abs(r['tuned']['baseline']):+.3%}",
+          f"{size / r['fp32_bytes']:.1%} of FP32"]
+         for r in rows for st in [r["static"]]
+         for label, k, score, size in [
+             (f"quanttune (tuned; {st['kernels']['running']}/{st['kernels']['planned']} planned INT8 layers in INT8)",
+              st["kernels"], r["tuned"]["deployed"] if r["tuned"]["deployed"] is not None else float("nan"),
+              st["quanttune_bytes"]),
+             *[(names[key], v["kernels"], v["score"], v["bytes"]) for key, v in st["statics"].items()]]))
 
 
 def print_targets(rows: list[dict]) -> None:
@@ -508,9 +524,10 @@ def print_targets(rows: list[dict]) -> None:
                 checks.append(f"deployed vs simulated {gap:.3%} of the baseline (<= {TARGET_DROP:.1%}: "
                               f"{'PASS' if gap <= TARGET_DROP else 'FAIL'})")
             for key, v in st["latency"].items():
-                if key.startswith("1/"):
-                    checks.append(f"batch {key[2:]}, 1 thread: {v['quanttune_vs_static']:.2f}x static (>= 1: "
-                                  f"{'PASS' if v['quanttune_vs_static'] >= 1 else 'FAIL'})")
+                for ratio in (k for k in v if k.startswith("quanttune_vs_static") and key.startswith("1/")):
+                    which = "static MatMul-only" if ratio.endswith("matmul") else "static"
+                    checks.append(f"batch {key[2:]}, 1 thread: {v[ratio]:.2f}x {which} (>= 1: "
+                                  f"{'PASS' if v[ratio] >= 1 else 'FAIL'})")
         print(f"  {r['case']}: " + "; ".join(checks))
 
 
