@@ -35,6 +35,7 @@ static INT8 file timed in turns at batch 1 and 32.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -318,10 +319,11 @@ def ort_quantize_static(fp32_path: pathlib.Path, batches: list, tmp: pathlib.Pat
             return next(self.feeds, None)
 
     prepared = tmp / f"{fp32_path.stem}-prepared.onnx"
-    try:
-        quant_pre_process(str(fp32_path), str(prepared))
-    except Exception:  # noqa: BLE001  ORT's symbolic shape inference gives up on MiniLM: ONNX's instead
-        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+    with contextlib.chdir(tmp):  # a failed symbolic shape inference leaves its files in the working directory
+        try:
+            quant_pre_process(str(fp32_path), str(prepared))
+        except Exception:  # noqa: BLE001  ORT's symbolic shape inference gives up on MiniLM: ONNX's instead
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
     suffix = "" if op_types is None else "-" + "-".join(op_types)
     output = tmp / f"{fp32_path.stem.removesuffix('-fp32')}-ort-static{suffix}.onnx"
     quantize_static(str(prepared), str(output), Reader([i.name for i in onnx.load(str(prepared)).graph.input]),
