@@ -17,9 +17,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from .db import request_session
+from .sessions import request_session
 from .errors import InvalidToken, Unauthorized
-from .models import Token
+from worker.models import Token
 
 log = logging.getLogger("quanttune.auth")
 TOKEN_PREFIX = "qt_"

@@ -20,7 +20,7 @@ import time
 from fastapi import Request, Response
 
 from ..auth import owner_for
-from ..models import Token
+from worker.models import Token
 
 log = logging.getLogger("quanttune.dashboard")
 
