@@ -92,11 +92,11 @@ class Client:
 
     def jobs(self, status: JobStatus | None = None, *, offset: int = 0, limit: int = 50) -> list[Job]:
         """This token's jobs (newest first), optionally only those with `status`."""
-        return [Job(self, info) for info in self.jobs_page(status, offset=offset, limit=limit).data]
+        return [Job(self.http, info) for info in self.jobs_page(status, offset=offset, limit=limit).data]
 
     def job(self, job_id: int) -> Job:
         """The job with this id (`NotFoundError` if it does not exist or belongs to another token)."""
-        return Job(self, JobPublic.model_validate(self.http.get(f"/jobs/{int(job_id)}").json()))
+        return Job(self.http, JobPublic.model_validate(self.http.get(f"/jobs/{int(job_id)}").json()))
 
     def submit(
         self,
@@ -152,7 +152,7 @@ class Client:
         parts: dict[str, Any] = {"spec": (None, _validated(spec))}
         parts.update({role: (filename, data) for role, (filename, data) in files.items()})
         response = self.http.request("POST", "/jobs", files=parts, timeout=self.http.upload_timeout())
-        return Job(self, JobPublic.model_validate(response.json()))
+        return Job(self.http, JobPublic.model_validate(response.json()))
 
 
 def _job_options(options: TuneOptions | None, tuning: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """`Job`: one submitted job, seen through the REST API (docs/api.md). Made by `Client.submit`,
-`Client.job` and `Client.jobs`; every method is one or a few HTTP requests."""
+`Client.job` and `Client.jobs`, on the client's connection (`Transport`); every method is one or
+a few HTTP requests."""
 
 from __future__ import annotations
 
@@ -23,14 +24,14 @@ from ..schemas import (
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from .client import Client
+    from .transport import Transport
 
 
 class Job:
     """A job on the server. `info` is the last `JobPublic` fetched (refreshed by `status()`)."""
 
-    def __init__(self, client: Client, info: JobPublic) -> None:
-        self.client = client
+    def __init__(self, http: Transport, info: JobPublic) -> None:
+        self.http = http  # the `Client`'s connection
         self.info = info
 
     @property
@@ -43,7 +44,7 @@ class Job:
     # -- reading -----------------------------------------------------------------------------------
     def status(self) -> JobPublic:
         """Fetch the job: status, progress and (once finished) the outcome."""
-        self.info = JobPublic.model_validate(self.client.http.get(f"/jobs/{self.id}").json())
+        self.info = JobPublic.model_validate(self.http.get(f"/jobs/{self.id}").json())
         return self.info
 
     def trials(self, *, state: str | None = None, include_plan: bool = False) -> list[TrialPublic]:
@@ -53,33 +54,33 @@ class Job:
             params: dict[str, Any] = {"offset": len(found), "limit": 1000, "include_plan": include_plan}
             if state is not None:
                 params["state"] = state
-            page = TrialsPublic.model_validate(self.client.http.get(f"/jobs/{self.id}/trials", params=params).json())
+            page = TrialsPublic.model_validate(self.http.get(f"/jobs/{self.id}/trials", params=params).json())
             found.extend(page.data)
             if not page.data or len(found) >= page.count:
                 return found
 
     def ledger(self) -> LedgerPublic:
         """Layer names, and the per-layer ledger (decision and reason) once the job succeeded."""
-        return LedgerPublic.model_validate(self.client.http.get(f"/jobs/{self.id}/ledger").json())
+        return LedgerPublic.model_validate(self.http.get(f"/jobs/{self.id}/ledger").json())
 
     def report(self) -> dict[str, Any]:
         """The job's report.json (figures, plan, per-layer ledger, trials); `ConflictError` until
         the job succeeded."""
-        return self.client.http.get(f"/jobs/{self.id}/report").json()
+        return self.http.get(f"/jobs/{self.id}/report").json()
 
     def artifacts(self) -> list[ArtifactPublic]:
-        return ArtifactsPublic.model_validate(self.client.http.get(f"/jobs/{self.id}/artifacts").json()).data
+        return ArtifactsPublic.model_validate(self.http.get(f"/jobs/{self.id}/artifacts").json()).data
 
     # -- acting ------------------------------------------------------------------------------------
     def cancel(self) -> JobPublic:
         """Cancel the job (workers stop before their next trial). `ConflictError` if it already
         succeeded or failed; cancelling a cancelled job does nothing."""
-        self.info = JobPublic.model_validate(self.client.http.request("POST", f"/jobs/{self.id}/cancel", idempotent=True).json())
+        self.info = JobPublic.model_validate(self.http.request("POST", f"/jobs/{self.id}/cancel", idempotent=True).json())
         return self.info
 
     def delete(self) -> None:
         """Delete the job, its uploads, artifacts and trials."""
-        self.client.http.request("DELETE", f"/jobs/{self.id}", idempotent=True)
+        self.http.request("DELETE", f"/jobs/{self.id}", idempotent=True)
 
     def wait(self, progress: bool | Console = True, *, timeout: float | None = None, poll: float = 1.0) -> JobPublic:
         """Poll until the job finishes and return its final `JobPublic` when it succeeded.
@@ -133,7 +134,7 @@ class Job:
         target = directory / Path(name).name
         partial = target.with_name(target.name + ".part")
         digest = hashlib.sha256()
-        with self.client.http.stream("GET", f"/jobs/{self.id}/artifacts/{name}") as response, open(partial, "wb") as out:
+        with self.http.stream("GET", f"/jobs/{self.id}/artifacts/{name}") as response, open(partial, "wb") as out:
             for chunk in response.iter_bytes():
                 digest.update(chunk)
                 out.write(chunk)
