@@ -9,12 +9,13 @@ from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy.orm import Session
 
-from .auth import DOCUMENTED_BEARER, authenticate
-from .sessions import request_session
-from .jobs import get_owned
 from worker.models import JobRecord
 from worker.settings import Settings
 from worker.studies import Studies
+
+from .auth import DOCUMENTED_BEARER, authenticate
+from .jobs import get_owned
+from .sessions import request_session
 
 
 get_session = request_session  # async: no thread-pool round trip for what does no I/O

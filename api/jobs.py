@@ -16,16 +16,16 @@ from sqlalchemy.orm import Session
 
 import tuner
 from tuner.space import SearchSpace
-
 from worker.db import epoch, utcnow
-from .errors import Conflict, InvalidInput, NotFound
+from worker.inputs import check_fits as fits
 from worker.models import JobRecord, JobFile, Lease
 from worker.references import resolve
+from worker.settings import Settings
+from worker.tensorfiles import check_dataset, read_tensors, sniff, to_batches
+
+from .errors import Conflict, InvalidInput, NotFound
 from .public import job_public
 from .schemas import FINISHED_STATUSES, JobCreate, JobPublic, spec_error
-from worker.settings import Settings
-from worker.inputs import check_fits as fits
-from worker.tensorfiles import check_dataset, read_tensors, sniff, to_batches
 
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _EXPORT_LOAD_LOCK = threading.Lock()  # uploads are checked in the API's thread pool, several at once

@@ -22,7 +22,6 @@ from sqlalchemy import delete, exists, select, update
 
 from .db import epoch
 from .models import JobRecord, JobFile, Lease
-
 from .queue import Claim, Queue
 
 KIND = "prepared"

@@ -4,8 +4,8 @@ the operator allows (`QUANTTUNE_ALLOWED_MODULES`)."""
 from __future__ import annotations
 
 import importlib
-import re
 import inspect
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 

@@ -189,7 +189,7 @@ def jobs(
 def status(job_id: JobId, as_json: JsonOption = False, url: UrlOption = None, token: TokenOption = None,
            request_timeout: RequestTimeout = 30.0) -> None:
     """A job's status, progress and outcome."""
-    from ..client.render import deployment_notes, deployment_table, job_table
+    from ..client.render import job_table, print_deployment
 
     with _client(url, token, request_timeout) as client:
         info = client.job(job_id).info
@@ -199,9 +199,7 @@ def status(job_id: JobId, as_json: JsonOption = False, url: UrlOption = None, to
     console = _console()
     console.print(job_table(info))
     if info.deployment is not None:
-        console.print(deployment_table(info.deployment))
-        if notes := deployment_notes(info.deployment):
-            console.print(notes)
+        print_deployment(console, info.deployment)
 
 
 @handle_errors
@@ -230,7 +228,7 @@ def trials(
 def report(job_id: JobId, as_json: JsonOption = False, url: UrlOption = None, token: TokenOption = None,
            request_timeout: RequestTimeout = 30.0) -> None:
     """A succeeded job's report: figures and each layer's decision with its reason."""
-    from ..client.render import deployment_notes, deployment_table, ledger_table, report_summary
+    from ..client.render import ledger_table, print_deployment, report_summary
 
     with _client(url, token, request_timeout) as client:
         content = client.job(job_id).report()
@@ -240,10 +238,7 @@ def report(job_id: JobId, as_json: JsonOption = False, url: UrlOption = None, to
     console = _console()
     console.print(ledger_table(content))
     console.print(report_summary(content))
-    if content.get("deployment"):
-        console.print(deployment_table(content["deployment"]))
-        if notes := deployment_notes(content["deployment"]):
-            console.print(notes)
+    print_deployment(console, content.get("deployment"))
 
 
 @handle_errors

@@ -19,6 +19,8 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from tuner.options import TuneOptions
+
 
 EVALUATE = "tuner.examples.digits_cnn:evaluate"
 
@@ -47,7 +49,7 @@ class _Local:
 def demo(
     out: Path = typer.Option(Path("quanttune-demo"), help="Where to write model.onnx, plan.json, report.json "
                              "(the server's database and artifacts go to <out>/server)."),
-    max_drop: float = typer.Option(0.01, help="Accuracy budget: largest relative drop allowed."),
+    max_drop: float = typer.Option(TuneOptions.max_drop, help="Accuracy budget: largest relative drop allowed."),
     port: int = typer.Option(0, help="Port of the embedded server (0: a free one)."),
     keep_serving: bool = typer.Option(False, "--keep-serving", help="Keep the server (and its dashboard) running "
                                       "after the demo, until Ctrl-C."),
@@ -57,7 +59,6 @@ def demo(
     write the results."""
     from rich.markup import escape
 
-    from ..client import Client
     from ..client.errors import QuanttuneClientError
     from ..client.render import ledger_table, report_summary
     from .embedded import EmbeddedServer, EmbeddedServerError
@@ -71,26 +72,7 @@ def demo(
     server = EmbeddedServer(out / "server", port=port)
     server.start()
     try:
-        import torch
-
-        from tuner.examples import digits_cnn
-
-        torch.set_num_threads(1)  # this process shares the CPUs with the server it started (measured: faster)
-        console.print(f"starting the server (quanttune serve, 1 worker, {server.db_url}) while the example trains")
-        model, batches = digits_cnn.build_model(), digits_cnn.calibration_data()
-        console.print(f"trained the example in {time.perf_counter() - started:.1f}s")
-        server.wait_ready()
-        console.print(f"server up on {server.url} after {time.perf_counter() - started:.1f}s")
-        local = _Local(model, batches)
-        with Client(server.url, server.token) as client:
-            job = client.submit(model, batches, EVALUATE, name="digits demo", max_drop=max_drop)
-            console.print(f"submitted job {job.id}: the model as a torch.export archive, {len(batches)} calibration "
-                          f"batches as safetensors, evaluation {EVALUATE}")
-            local.thread.start()
-            job.wait(progress=console)
-            report = job.report()
-            paths = job.download(out)
-        local.thread.join()
+        report, paths, local = _tune(console, server, started, max_drop)
         console.print(ledger_table(report))
         console.print(report_summary(report))
         _results(console, report, paths, local)
@@ -98,12 +80,7 @@ def demo(
         console.print(f"wrote {', '.join(written)}  ({time.perf_counter() - started:.0f}s in all)")
         console.print(f"dashboard: {server.url}/dashboard/  (token: {server.token})")
         if keep_serving:
-            console.print("serving until Ctrl-C ...")
-            try:
-                while server.process is not None and server.process.poll() is None:
-                    time.sleep(0.5)
-            except KeyboardInterrupt:
-                pass
+            _serve_until_interrupted(console, server)
     except (QuanttuneClientError, EmbeddedServerError) as exc:
         console.print(f"[red]demo failed:[/] {escape(str(exc))}\n--- server log ({server.log_path}) ---\n"
                       f"{escape(server.log_tail())}")
@@ -120,22 +97,57 @@ def demo(
         raise typer.Exit(1)
 
 
+def _tune(console: Console, server: Any, started: float, max_drop: float) -> tuple[dict[str, Any], dict[str, Path], _Local]:
+    """Train the example while the server starts, submit it through the SDK, follow it; the report,
+    the downloaded artifacts and the local figures."""
+    import torch
+
+    from tuner.examples import digits_cnn
+
+    from ..client import Client
+
+    torch.set_num_threads(1)  # this process shares the CPUs with the server it started (measured: faster)
+    console.print(f"starting the server (quanttune serve, 1 worker, {server.db_url}) while the example trains")
+    model, batches = digits_cnn.build_model(), digits_cnn.calibration_data()
+    console.print(f"trained the example in {time.perf_counter() - started:.1f}s")
+    server.wait_ready()
+    console.print(f"server up on {server.url} after {time.perf_counter() - started:.1f}s")
+    local = _Local(model, batches)
+    with Client(server.url, server.token) as client:
+        job = client.submit(model, batches, EVALUATE, name="digits demo", max_drop=max_drop)
+        console.print(f"submitted job {job.id}: the model as a torch.export archive, {len(batches)} calibration "
+                      f"batches as safetensors, evaluation {EVALUATE}")
+        local.thread.start()
+        job.wait(progress=console)
+        report = job.report()
+        paths = job.download(Path(server.data_dir).parent)
+    local.thread.join()
+    return report, paths, local
+
+
+def _serve_until_interrupted(console: Console, server: Any) -> None:
+    console.print("serving until Ctrl-C ...")
+    try:
+        while server.process is not None and server.process.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+
+
 def _results(console: Console, report: dict[str, Any], paths: dict[str, Path], local: _Local) -> None:
     """The demo's extras: naive INT8 accuracy, the downloaded model evaluated here, and the latency
     table of the deployed check the worker made (INT8 vs FP32 on ONNX Runtime, timed in turns)."""
     from tuner import load_onnx
     from tuner.examples import digits_cnn
 
-    from ..client.render import deployment_notes, deployment_table
+    from ..client.render import print_deployment
 
     deployed = digits_cnn.evaluate(load_onnx(paths["model.onnx"]))
     naive = f"{local.naive:.2f}%" if local.naive is not None else f"not measured ({type(local.error).__name__})"
     console.print(f"FP32 accuracy {report['baseline']:.2f}%  |  naive INT8 (per-tensor max) {naive}  |  tuned INT8 "
                   f"{report['score']:.2f}% simulated, downloaded model.onnx on ONNX Runtime here {deployed:.2f}%")
     if report.get("deployment"):  # kernels and speed-ups are in the summary above; the timings per setting here
-        console.print(deployment_table(report["deployment"]))
-        if notes := deployment_notes(report["deployment"]):
-            console.print(notes)
+        print_deployment(console, report["deployment"])
     else:
         console.print("[yellow]the deployed check did not run: no ONNX Runtime figures in the report[/]")
     coverage = report.get("coverage") or {}

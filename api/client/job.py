@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import JobCancelledError, JobFailedError, NetworkError, WaitTimeoutError
 from ..schemas import (
     FINISHED_STATUSES,
     ArtifactPublic,
@@ -20,6 +19,7 @@ from ..schemas import (
     TrialPublic,
     TrialsPublic,
 )
+from .errors import JobCancelledError, JobFailedError, NetworkError, WaitTimeoutError
 
 if TYPE_CHECKING:
     from rich.console import Console

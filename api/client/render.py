@@ -7,8 +7,8 @@ from typing import Any
 
 from rich.table import Table
 
-from .progress import STATUS_STYLE, budget_text, fmt_drop, fmt_score, fmt_share, outcome, progress_line
 from ..schemas import ArtifactPublic, DeploymentPublic, JobPublic, TrialPublic
+from .progress import STATUS_STYLE, budget_text, fmt_drop, fmt_score, fmt_share, outcome, progress_line
 
 TRIAL_STYLE = {"COMPLETE": "green", "FAIL": "red", "RUNNING": "cyan", "PRUNED": "dim", "WAITING": "yellow"}
 
@@ -176,6 +176,14 @@ def deployment_notes(deployment: DeploymentPublic | dict[str, Any] | None) -> st
     lines = [f"[red]runs in float:[/] {f['layer']}: {f['reason']}" for f in summary.get("float_layers") or []]
     lines += [f"[yellow]not measured ({part}):[/] {error}" for part, error in (summary.get("errors") or {}).items()]
     return "\n".join(lines)
+
+
+def print_deployment(console: Any, deployment: DeploymentPublic | dict[str, Any] | None) -> None:
+    """The deployed check's table and notes on a rich console (nothing when there is none)."""
+    if deployment:
+        console.print(deployment_table(deployment))
+        if notes := deployment_notes(deployment):
+            console.print(notes)
 
 
 def report_summary(report: dict[str, Any]) -> str:

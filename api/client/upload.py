@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ClientArgumentError
 from worker.references import REFERENCE_RE
+
+from .errors import ClientArgumentError
 
 TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 BUILTIN_EVALUATORS = ("top1", "agreement")

@@ -19,8 +19,9 @@ import time
 
 from fastapi import Request, Response
 
-from ..auth import owner_for
 from worker.models import Token
+
+from ..auth import owner_for
 
 log = logging.getLogger("quanttune.dashboard")
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Response
-from starlette.concurrency import run_in_threadpool
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from worker.models import JobFile
 
 from ..deps import JobDep, SessionDep
 from ..errors import NotFound, NotReady
 from ..jobs import artifact, report_content
-from worker.models import JobFile
 from ..schemas import ArtifactPublic, ArtifactsPublic, ErrorBody
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["artifacts"])

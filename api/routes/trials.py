@@ -9,8 +9,8 @@ from starlette.concurrency import run_in_threadpool
 
 from ..deps import JobDep, SessionDep, StudiesDep
 from ..jobs import report_content
-from ..schemas import FINISHED_STATUSES, ErrorBody, LedgerPublic, TrialsPublic
 from ..public import trial_public
+from ..schemas import FINISHED_STATUSES, ErrorBody, LedgerPublic, TrialsPublic
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["trials"])
 _ERRORS = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from alembic import context
+
 from worker.db import make_engine
 from worker.models import Base
 
