@@ -10,14 +10,15 @@ from fastapi import APIRouter, FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from worker.db import make_engine, make_sessionmaker
+from worker.settings import Settings, get_settings
+from worker.studies import Studies
+
 from . import __version__
 from .auth import bearer_source
 from .dashboard import install_dashboard
-from .db import make_engine, make_sessionmaker
 from .errors import error_response, install_error_handlers
 from .routes import artifacts, health, jobs, trials
-from .settings import Settings, get_settings
-from .studies import Studies
 from .threads import default_threads, set_request_threads
 
 log = logging.getLogger("quanttune.api")

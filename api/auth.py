@@ -17,9 +17,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from .db import request_session
+from worker.models import Token
+
 from .errors import InvalidToken, Unauthorized
-from .models import Token
+from .sessions import request_session
 
 log = logging.getLogger("quanttune.auth")
 TOKEN_PREFIX = "qt_"

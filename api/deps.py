@@ -9,12 +9,13 @@ from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy.orm import Session
 
+from worker.models import JobRecord
+from worker.settings import Settings
+from worker.studies import Studies
+
 from .auth import DOCUMENTED_BEARER, authenticate
-from .db import request_session
 from .jobs import get_owned
-from .models import Job
-from .settings import Settings
-from .studies import Studies
+from .sessions import request_session
 
 
 get_session = request_session  # async: no thread-pool round trip for what does no I/O
@@ -34,10 +35,10 @@ StudiesDep = Annotated[Studies, Depends(get_studies)]
 
 
 def owned_job(request: Request, session: SessionDep, job_id: Annotated[int, Path(ge=1, le=2**31 - 1)],
-              _documented: Annotated[HTTPAuthorizationCredentials | None, Depends(DOCUMENTED_BEARER)] = None) -> Job:
+              _documented: Annotated[HTTPAuthorizationCredentials | None, Depends(DOCUMENTED_BEARER)] = None) -> JobRecord:
     """The job of the path, if the caller owns it (404 otherwise). Authenticates itself rather than
     depending on `Owner`: one thread-pool call instead of two on every job route."""
     return get_owned(session, authenticate(request, session).id, job_id)
 
 
-JobDep = Annotated[Job, Depends(owned_job)]
+JobDep = Annotated[JobRecord, Depends(owned_job)]

@@ -1,5 +1,6 @@
 """Service errors and the one place that maps every exception to an HTTP status and the one JSON
-error shape (`api.schemas.ErrorBody`)."""
+error shape (`api.schemas.ErrorBody`): the service's own errors carry their status; the library's
+and the worker's plain errors get theirs from `STATUS`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tuner
+from worker.errors import DisallowedReferenceError, JobInputError
 
 log = logging.getLogger("quanttune.api")
 
@@ -56,8 +58,23 @@ class InvalidInput(ServiceError):
     status, code = 422, "invalid_input"
 
 
-class DisallowedReference(ServiceError):
-    status, code = 422, "disallowed_reference"
+# The library's and the worker's errors (the most specific class that is listed wins).
+STATUS: dict[type[Exception], tuple[int, str]] = {
+    DisallowedReferenceError: (422, "disallowed_reference"),
+    JobInputError: (422, "invalid_input"),
+    tuner.InvalidArgumentError: (422, "invalid_input"),
+    tuner.QuanttuneError: (400, "bad_request"),
+}
+
+
+def status_of(exc: tuner.QuanttuneError) -> tuple[int, str, str | None]:
+    """HTTP status, code and offending field of one of quanttune's errors."""
+    if isinstance(exc, ServiceError):
+        return exc.status, exc.code, exc.field
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return (*STATUS[cls], getattr(exc, "field", None))
+    return 400, "bad_request", None
 
 
 _HTTP_CODES = {400: "bad_request", 503: "unavailable", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -76,18 +93,11 @@ def _loc(loc: tuple | list) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServiceError)
-    async def _service(_request: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return error_response(exc.status, exc.code, exc.message, exc.field, headers)
-
-    @app.exception_handler(tuner.InvalidArgumentError)
-    async def _invalid(_request: Request, exc: tuner.InvalidArgumentError) -> JSONResponse:
-        return error_response(422, "invalid_input", str(exc))
-
     @app.exception_handler(tuner.QuanttuneError)
     async def _quanttune(_request: Request, exc: tuner.QuanttuneError) -> JSONResponse:
-        return error_response(400, "bad_request", str(exc))
+        status, code, field = status_of(exc)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return error_response(status, code, str(exc), field, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

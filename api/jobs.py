@@ -8,7 +8,6 @@ import json
 import re
 import threading
 from dataclasses import dataclass
-from datetime import timezone
 from typing import Any
 
 from pydantic import ValidationError
@@ -17,14 +16,16 @@ from sqlalchemy.orm import Session
 
 import tuner
 from tuner.space import SearchSpace
+from worker.db import epoch, utcnow
+from worker.inputs import check_fits as fits
+from worker.models import JobRecord, JobFile, Lease
+from worker.references import resolve
+from worker.settings import Settings
+from worker.tensorfiles import check_dataset, read_tensors, sniff, to_batches
 
-from .db import epoch, utcnow
 from .errors import Conflict, InvalidInput, NotFound
-from .models import Job, JobFile, Lease
-from .references import resolve
-from .schemas import FINISHED_STATUSES, DeploymentPublic, JobCreate, JobPublic, Progress
-from .settings import Settings
-from .tensorfiles import check_dataset, describe_batch, read_tensors, sniff, to_batches
+from .public import job_public
+from .schemas import FINISHED_STATUSES, JobCreate, JobPublic, spec_error
 
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _EXPORT_LOAD_LOCK = threading.Lock()  # uploads are checked in the API's thread pool, several at once
@@ -66,10 +67,7 @@ def parse_spec(text: str) -> JobCreate:
     try:
         return JobCreate.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        field = f"spec.{loc}" if loc else "spec"
-        message = "; ".join(f"spec{'.' if e['loc'] else ''}{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        message, field = spec_error(exc)
         raise InvalidInput(message, field=field) from None
 
 
@@ -126,18 +124,8 @@ def check_fits(model: Any, tensors: dict, *, field: str) -> None:
     """Run the model on the first sample of an uploaded dataset; a 422 naming the file when it
     does not fit (wrong shape, dtype or input names). Models from factory references are only
     built on the workers: there a misfit fails the job with the same kind of message."""
-    import torch
-
-    from tuner.batches import call_model
-
-    sample = to_batches(tensors, 1)[0]
-    try:
-        with torch.no_grad():
-            call_model(model, sample)
-    except Exception as exc:
-        raise InvalidInput(f"{field}: the data does not fit the uploaded model: its first sample "
-                           f"({describe_batch(sample)}) raised {type(exc).__name__}: {str(exc).strip()[:300]}",
-                           field=field) from None
+    fits(model, to_batches(tensors, 1)[0], f"{field}: the data does not fit the uploaded model: its first sample",
+         field=field, limit=300)
 
 
 def check_exported(data: bytes) -> Any:
@@ -147,7 +135,7 @@ def check_exported(data: bytes) -> Any:
     import os
     import tempfile
 
-    from tuner.exported import load_exported
+    from tuner.pt2_archive import load_exported
 
     with tempfile.TemporaryDirectory(prefix="quanttune-check-") as tmp:
         path = os.path.join(tmp, "model.pt2")
@@ -162,10 +150,10 @@ def check_exported(data: bytes) -> Any:
                                f"{reason[:300]}", field="model_file") from None
 
 
-def create_job(session: Session, owner_id: int, spec: JobCreate, uploads: dict[str, Upload]) -> Job:
+def create_job(session: Session, owner_id: int, spec: JobCreate, uploads: dict[str, Upload]) -> JobRecord:
     """Store the job, its uploads and its `parallelism` lease slots in one transaction."""
     model_file = uploads.get("model_file")
-    job = Job(
+    job = JobRecord(
         owner_id=owner_id,
         name=spec.name,
         status="queued",
@@ -188,8 +176,8 @@ def create_job(session: Session, owner_id: int, spec: JobCreate, uploads: dict[s
     return job
 
 
-def get_owned(session: Session, owner_id: int, job_id: int) -> Job:
-    job = session.get(Job, job_id)
+def get_owned(session: Session, owner_id: int, job_id: int) -> JobRecord:
+    job = session.get(JobRecord, job_id)
     if job is None or job.owner_id != owner_id:
         raise NotFound(f"job {job_id} not found.")
     return job
@@ -197,11 +185,11 @@ def get_owned(session: Session, owner_id: int, job_id: int) -> Job:
 
 # The read path's statements, built once with bound parameters: building a statement per request
 # costs more than running it (measured: 120-190 us against 55 us on SQLite).
-_ANY_STATUS = Job.owner_id == bindparam("owner")
-_ONE_STATUS = (Job.owner_id == bindparam("owner")) & (Job.status == bindparam("status"))
-_COUNT = {False: select(func.count()).select_from(Job).where(_ANY_STATUS),
-          True: select(func.count()).select_from(Job).where(_ONE_STATUS)}
-_PAGE = {filtered: select(Job).where(_ONE_STATUS if filtered else _ANY_STATUS).order_by(Job.id.desc())
+_ANY_STATUS = JobRecord.owner_id == bindparam("owner")
+_ONE_STATUS = (JobRecord.owner_id == bindparam("owner")) & (JobRecord.status == bindparam("status"))
+_COUNT = {False: select(func.count()).select_from(JobRecord).where(_ANY_STATUS),
+          True: select(func.count()).select_from(JobRecord).where(_ONE_STATUS)}
+_PAGE = {filtered: select(JobRecord).where(_ONE_STATUS if filtered else _ANY_STATUS).order_by(JobRecord.id.desc())
          .offset(bindparam("offset")).limit(bindparam("limit")) for filtered in (False, True)}
 _LIVE_WORKERS = (select(Lease.job_id, func.count())
                  .where(Lease.job_id.in_(bindparam("ids", expanding=True)), Lease.worker_id.is_not(None),
@@ -212,7 +200,19 @@ _ARTIFACT_NAMES = (select(JobFile.job_id, JobFile.role)
                    .order_by(JobFile.role))
 
 
-def list_jobs(session: Session, owner_id: int, status: str | None, offset: int, limit: int) -> tuple[list[Job], int]:
+def artifact(session: Session, job_id: int, name: str) -> JobFile | None:
+    """One artifact a worker stored with the job (`model.onnx`, `plan.json`, `report.json`)."""
+    return session.scalar(select(JobFile).where(JobFile.job_id == job_id, JobFile.kind == "artifact",
+                                                JobFile.role == name))
+
+
+def report_content(session: Session, job_id: int) -> dict[str, Any] | None:
+    """The job's report.json, parsed; None until the job succeeded."""
+    found = artifact(session, job_id, "report.json")
+    return json.loads(found.data) if found is not None else None
+
+
+def list_jobs(session: Session, owner_id: int, status: str | None, offset: int, limit: int) -> tuple[list[JobRecord], int]:
     params = {"owner": owner_id, "status": status, "offset": offset, "limit": limit}
     jobs = list(session.scalars(_PAGE[status is not None], params))
     if 0 < len(jobs) < limit or (offset == 0 and not jobs):  # the last page: the count needs no query
@@ -220,19 +220,19 @@ def list_jobs(session: Session, owner_id: int, status: str | None, offset: int, 
     return jobs, session.scalar(_COUNT[status is not None], params) or 0
 
 
-def cancel_job(session: Session, job: Job) -> Job:
+def cancel_job(session: Session, job: JobRecord) -> JobRecord:
     if job.status in ("succeeded", "failed"):
         raise Conflict(f"job {job.id} already {job.status}; only queued or running jobs can be cancelled.")
     if job.status != "cancelled":
         now = utcnow()
-        session.execute(update(Job).where(Job.id == job.id, Job.status.in_(("queued", "running")))
+        session.execute(update(JobRecord).where(JobRecord.id == job.id, JobRecord.status.in_(("queued", "running")))
                         .values(status="cancelled", finished_at=now, updated_at=now, reason="cancelled by the user"))
         session.commit()
         session.refresh(job)
     return job
 
 
-def delete_job(session: Session, job: Job) -> None:
+def delete_job(session: Session, job: JobRecord) -> None:
     session.delete(job)
     session.commit()
 
@@ -252,42 +252,7 @@ def artifact_names(session: Session, job_ids: list[int]) -> dict[int, list[str]]
     return names
 
 
-def _utc(value: Any) -> Any:
-    return value.replace(tzinfo=timezone.utc) if value is not None else None
-
-
-def _deployment(stored: dict[str, Any] | None) -> DeploymentPublic | None:
-    """The deployed check a worker stored with the job (a summary written by another version of the
-    worker that no longer validates is left out rather than failing every read of the job)."""
-    if not stored:
-        return None
-    try:
-        return DeploymentPublic.model_validate(stored)
-    except ValidationError:
-        return None
-
-
-def job_public(job: Job, workers: int = 0, artifacts: list[str] | None = None) -> JobPublic:
-    spec: dict[str, Any] = job.spec or {}
-    return JobPublic(
-        id=job.id, name=job.name, status=job.status,
-        created_at=_utc(job.created_at), started_at=_utc(job.started_at), finished_at=_utc(job.finished_at),
-        updated_at=_utc(job.updated_at),
-        model_source=job.model_source, calibration_source=job.calibration_source,
-        evaluation_source=job.evaluation_source,
-        max_drop=spec.get("max_drop", 0.01), relative=spec.get("relative", True),
-        higher_is_better=spec.get("higher_is_better", True), max_trials=spec.get("max_trials"),
-        timeout=spec.get("timeout"), trial_timeout=spec.get("trial_timeout"), space=spec.get("space"), parallelism=job.parallelism, seed=spec.get("seed", 0),
-        workers=workers if job.status not in FINISHED_STATUSES else 0,
-        progress=Progress(trials=job.trials, evaluations=job.evaluations, best_score=job.best_score,
-                          best_drop=job.best_drop, best_coverage=job.best_coverage, met=job.best_met),
-        baseline=job.baseline, score=job.score, drop=job.drop, coverage=job.coverage, met=job.met,
-        deployed_score=job.deployed_score,
-        deployment=_deployment(job.deployment), reason=job.reason, error=job.error, artifacts=artifacts or [],
-    )
-
-
-def jobs_public(session: Session, jobs: list[Job]) -> list[JobPublic]:
+def jobs_public(session: Session, jobs: list[JobRecord]) -> list[JobPublic]:
     # only active jobs have workers, only succeeded ones artifacts: no query for the others
     workers = live_workers(session, [job.id for job in jobs if job.status not in FINISHED_STATUSES])
     artifacts = artifact_names(session, [job.id for job in jobs if job.status == "succeeded"])

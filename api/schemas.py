@@ -7,11 +7,13 @@ import these same classes.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tuner.options import JOB_FIELDS, TuneOptions
+from worker.references import REFERENCE_RE
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JOB_STATUSES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -19,7 +21,6 @@ FINISHED_STATUSES: tuple[str, ...] = ("succeeded", "failed", "cancelled")
 TrialState = Literal["RUNNING", "COMPLETE", "FAIL", "PRUNED", "WAITING"]
 Evaluator = Literal["top1", "agreement"]
 
-REFERENCE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 # Multipart file parts of `POST /v1/jobs` (besides the `spec` JSON part).
 FILE_PARTS: tuple[str, ...] = ("model_file", "weights_file", "calibration_file", "eval_file")
@@ -50,17 +51,19 @@ class JobCreate(BaseModel):
     evaluate: str | None = Field(None, max_length=300, description="Reference 'module:callable' taking the model, returning a float.")
     evaluator: Evaluator | None = Field(None, description="Built-in evaluator used instead of `evaluate`.")
     batch_size: int = Field(32, ge=1, le=65536, description="Batch size used to split uploaded calibration/eval tensors.")
-    max_drop: float = Field(0.01, ge=0.0, lt=1e9, description="Accuracy budget (relative share unless relative=false).")
-    relative: bool = True
-    higher_is_better: bool = True
+    # the tuning options (`tuner.TuneOptions.JOB_FIELDS`), with its defaults; but a job has no trial limit
+    # unless it sets one (the search ends by itself), where `tune()` stops at 50 by default
+    max_drop: float = Field(TuneOptions.max_drop, ge=0.0, lt=1e9, description="Accuracy budget (relative share unless relative=false).")
+    relative: bool = TuneOptions.relative
+    higher_is_better: bool = TuneOptions.higher_is_better
     max_trials: int | None = Field(None, ge=1, le=100_000)
-    timeout: float | None = Field(None, gt=0, le=30 * 24 * 3600, description="Seconds of search before stopping.")
+    timeout: float | None = Field(TuneOptions.timeout, gt=0, le=30 * 24 * 3600, description="Seconds of search before stopping.")
     trial_timeout: float | None = Field(None, ge=1, le=30 * 24 * 3600, description=(
         "Seconds one call of the evaluation may take; a trial over it fails ('timed out after Ns') and the search "
         "goes on. Default: the server's QUANTTUNE_TRIAL_TIMEOUT, else no limit."))
-    space: dict[str, Any] | None = Field(None, description="Search-space restriction passed to tune(space=...).")
+    space: dict[str, Any] | None = Field(TuneOptions.space, description="Search-space restriction passed to tune(space=...).")
     parallelism: int = Field(1, ge=1, le=64, description="How many workers may work on this job at once.")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seed: int = Field(TuneOptions.seed, ge=0, le=2**31 - 1)
 
     @field_validator("model", "calibration", "evaluate")
     @classmethod
@@ -73,6 +76,10 @@ class JobCreate(BaseModel):
         if any(ord(c) < 32 or ord(c) == 127 for c in value):
             raise ValueError("`name` must not contain control characters.")
         return value
+
+    def tune_options(self) -> TuneOptions:
+        """The job's `tuner.TuneOptions` (the one place a spec becomes the tuner's options)."""
+        return TuneOptions.from_dict({name: getattr(self, name) for name in JOB_FIELDS})
 
     @model_validator(mode="after")
     def _relative_budget(self) -> JobCreate:
@@ -230,3 +237,12 @@ class ErrorBody(BaseModel):
     """The one error shape of every non-2xx response."""
 
     error: ErrorInfo
+
+
+def spec_error(exc: ValidationError) -> tuple[str, str]:
+    """The message and field of an invalid `JobCreate` (`spec.<field>: <rule>; ...`), as the API
+    answers it and the SDK raises it before sending."""
+    errors = exc.errors()
+    loc = ".".join(str(p) for p in errors[0]["loc"])
+    message = "; ".join(f"spec{'.' if e['loc'] else ''}{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
+    return message, f"spec.{loc}" if loc else "spec"

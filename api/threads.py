@@ -20,7 +20,7 @@ import anyio.to_thread
 from anyio import CapacityLimiter
 from anyio.lowlevel import RunVar
 
-from .db import is_sqlite
+from worker.db import is_sqlite
 
 UPLOAD_THREADS = 4
 _T = TypeVar("_T")

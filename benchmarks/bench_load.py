@@ -34,7 +34,7 @@ from pathlib import Path
 
 import httpx
 
-from api.embedded import EmbeddedServerError, free_port, wait_healthy
+from api.cli.embedded import EmbeddedServerError, free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def tiny_job_files(root: Path) -> dict[str, tuple[str, bytes]]:
     from safetensors.torch import save
     from torch import nn
 
-    from tuner.exported import export_model
+    from tuner.pt2_archive import export_model
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
@@ -202,8 +202,8 @@ def part_reads(args: argparse.Namespace, root: Path) -> None:
 def part_jobs(args: argparse.Namespace, root: Path) -> None:
     from sqlalchemy import select
 
-    from api.db import make_engine, make_sessionmaker
-    from api.models import Lease
+    from worker.db import make_engine, make_sessionmaker
+    from worker.models import Lease
 
     files = tiny_job_files(root)
     with Server(root / "jobs", args.db, workers=args.workers) as server, server.client() as client:

@@ -73,7 +73,7 @@ class Postgres:
     """A throwaway PostgreSQL server (like the tests' fixture)."""
 
     def __enter__(self) -> Postgres:
-        from api.embedded import free_port
+        from api.cli.embedded import free_port
 
         found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
         if not found:

@@ -3,7 +3,7 @@
     from quanttune import Client, tune
 
 `Client` is the service's Python SDK (`api.client`); `tune` is the library's search
-(`tuner.tune`). Both are imported on first use, so `import quanttune` does not import torch.
+(`tuner.tune`), `TuneOptions` its options. Both are imported on first use, so `import quanttune` does not import torch.
 """
 
 from __future__ import annotations
@@ -12,35 +12,36 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from api.client import Client
-    from api.client_errors import (
+    from api.client import (
         APIError,
         AuthenticationError,
+        Client,
         ConflictError,
         InvalidInputError,
+        Job,
         JobCancelledError,
         JobFailedError,
         NotFoundError,
         QuanttuneClientError,
     )
-    from api.client_job import Job
-    from tuner import TuneResult, tune
+    from tuner import TuneOptions, TuneResult, tune
 
 from api import __version__  # light: api/__init__ imports nothing heavy
 
 _LAZY = {
     "Client": "api.client",
-    "Job": "api.client_job",
-    "QuanttuneClientError": "api.client_errors",
-    "APIError": "api.client_errors",
-    "AuthenticationError": "api.client_errors",
-    "NotFoundError": "api.client_errors",
-    "ConflictError": "api.client_errors",
-    "InvalidInputError": "api.client_errors",
-    "JobFailedError": "api.client_errors",
-    "JobCancelledError": "api.client_errors",
+    "Job": "api.client",
+    "QuanttuneClientError": "api.client",
+    "APIError": "api.client",
+    "AuthenticationError": "api.client",
+    "NotFoundError": "api.client",
+    "ConflictError": "api.client",
+    "InvalidInputError": "api.client",
+    "JobFailedError": "api.client",
+    "JobCancelledError": "api.client",
     "tune": "tuner",
     "TuneResult": "tuner",
+    "TuneOptions": "tuner",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

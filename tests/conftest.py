@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from api.embedded import free_port
+from api.cli.embedded import free_port
 from tests.support import pythonpath, user_package
 from tests.support import make_token as new_token
 
@@ -126,7 +126,7 @@ def _migrated_templates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, s
 def migrated_db(request: pytest.FixtureRequest, tmp_path: Path, _migrated_templates: dict[str, str],
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A database with the full schema (service tables and Optuna's), on SQLite and PostgreSQL."""
-    from api.migrate import migrate
+    from worker.migrate import migrate
 
     if request.param == "sqlite":
         if "sqlite" not in _migrated_templates:

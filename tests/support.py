@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from api.embedded import EmbeddedServer, EmbeddedServerError, wait_healthy
+from api.cli.embedded import EmbeddedServer, EmbeddedServerError, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 def make_token(url: str, name: str = "tests") -> str:
     """A new API token named `name`, stored in the database at `url`."""
     from api.auth import create_token
-    from api.db import make_engine, make_sessionmaker
+    from worker.db import make_engine, make_sessionmaker
 
     engine = make_engine(url)
     with make_sessionmaker(engine)() as session:
@@ -158,7 +158,7 @@ def submit(client: httpx.Client, spec: dict) -> int:
 
 
 class ServerProcess(EmbeddedServer):
-    """`quanttune serve` as `quanttune demo` runs it (api.embedded: SQLite and artifacts under
+    """`quanttune serve` as `quanttune demo` runs it (api.cli.embedded: SQLite and artifacts under
     `root`, a free port, `workers` workers, log in `root/serve.log`), with user code importable
     (directories `importable`) and referable (modules `allowed`), one thread per process (the CNN trains faster on one
     of two busy cores) and fast queue polling. Use it as a context manager."""

@@ -21,3 +21,19 @@ class CalibrationError(QuanttuneError):
 
 class EvaluationError(QuanttuneError):
     """The user's evaluation function failed where the search cannot go on (the FP32 baseline)."""
+
+
+class InvalidArchiveError(InvalidArgumentError):
+    """A file is not a torch.export archive that quanttune accepts; the message says why."""
+
+
+class ExportError(QuanttuneError):
+    """The model could not be exported to ONNX (the message says which step failed and why)."""
+
+
+class GraphError(ExportError):
+    """The exported graph does not have the structure the plan asks for."""
+
+
+class Stopped(QuanttuneError):
+    """Waiting for another worker's preparation was cut short by a stop request."""

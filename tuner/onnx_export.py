@@ -48,7 +48,7 @@ from torch.nn import functional as F
 
 from .batches import batch_size, call_model
 from .calibrate import Calibration
-from .errors import InvalidArgumentError, InvalidPlanError, QuanttuneError
+from .errors import ExportError, InvalidArgumentError, InvalidPlanError, QuanttuneError
 from .onnx_io import FlatModel, InputSpec, flatten_output
 from .plan import Plan
 from .qmodules import QuantizedLayer, apply_plan
@@ -58,10 +58,6 @@ from .quant import quantize
 METADATA_KEY = "quanttune"
 FORMAT_VERSION = 2  # 1: per-layer descriptions stored in full (precision, weight, null fields)
 _TWO_GB = 2**31
-
-
-class ExportError(QuanttuneError):
-    """The model could not be exported to ONNX (the message says which step failed and why)."""
 
 
 # -- the export form of a quantized layer ----------------------------------------------------

@@ -10,12 +10,8 @@ import onnx
 from onnx import defs, helper, numpy_helper
 
 from .calibrate import Calibration
-from .onnx_export import ExportError
+from .errors import GraphError
 from .plan import Plan
-
-
-class GraphError(ExportError):
-    """The exported graph does not have the structure the plan asks for."""
 
 
 class _Index:

@@ -38,15 +38,11 @@ import torch
 from torch import nn
 
 from .calibrate import Calibration
-from .errors import QuanttuneError
+from .errors import Stopped
 from .report import LayerReport
 
 FORMAT = 1
 POLL_S = 0.2
-
-
-class Stopped(QuanttuneError):
-    """Waiting for another worker's preparation was cut short by a stop request."""
 
 
 class SharedStore(Protocol):

@@ -30,11 +30,7 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidArgumentError
-
-
-class InvalidArchiveError(InvalidArgumentError):
-    """A file is not a torch.export archive that quanttune accepts; the message says why."""
+from .errors import InvalidArchiveError
 
 
 _ENTRIES = re.compile(

@@ -192,57 +192,18 @@ def run_trial(
     plan now. `baseline()` gives the FP32 score once known (another worker may still be
     evaluating it while this trial's evaluation runs)."""
     start = time.perf_counter()
-    if propose is not None:
-        study.enqueue_trial(propose, skip_if_exists=False)
-    with warnings.catch_warnings():  # we keep the heartbeat ourselves (`_Heartbeat`), not Study.optimize
-        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-        trial = study.ask()
+    trial = _ask(study, propose)
     plan, coverage = make_plan(suggest(trial))
     key = plan.key()
     for name, value in (("plan", plan.to_dict()), ("plan_key", key), ("summary", plan.summary()),
                         ("coverage", coverage), ("fp32_layers", plan.fp32_layers), ("worker", worker)):
         trial.set_user_attr(name, value)
-    if beat_coverage is not None and coverage <= beat_coverage:
-        trial.set_user_attr("pruned", f"INT8 MAC share {coverage:.1%} cannot beat the best met plan's {beat_coverage:.1%}")
-        study.tell(trial, state=TrialState.PRUNED)
-        return None
-    earlier = _taken_by_earlier(study, key, trial.number)
-    if earlier is not None:
-        trial.set_user_attr("pruned", f"the same plan is being evaluated in trial {earlier}")
-        study.tell(trial, state=TrialState.PRUNED)
+    if _pruned(study, trial, key, coverage, beat_coverage):
         return None
     previous = known.get(key)
     if previous is not None and previous.state == "COMPLETE":
-        trial.set_user_attr("duplicate_of", previous.number)
-        trial.set_user_attr("score", previous.score)
-        trial.set_user_attr("drop", previous.drop)
-        trial.set_constraint("accuracy", previous.drop - budget.max_drop)
-        study.tell(trial, coverage)
-        return Outcome(trial.number, "COMPLETE", key, previous.score, previous.drop, coverage, previous.met,
-                       None, 0.0, 0.0, reused=True)
-    score = drop = error = None
-    eval_s = 0.0
-    with _Heartbeat(study, trial._trial_id):
-        try:
-            candidate = build(plan)
-            trial.set_user_attr("evaluated", True)  # a call of the user's evaluation, counted per worker
-            eval_start = time.perf_counter()
-            try:
-                score = float(evaluate(candidate))
-            finally:
-                eval_s = time.perf_counter() - eval_start
-            if not math.isfinite(score):
-                raise ValueError(f"evaluate returned {score}, not a finite number")
-        except Exception as exc:  # the user's evaluate failed on this plan: record it, go on
-            error = f"{type(exc).__name__}: {exc}"
-            trial.set_user_attr("traceback", traceback.format_exc(limit=5)[-2000:])
-        if error is None:
-            try:
-                drop = budget.drop(baseline(), score)
-            except BaseException:  # stopped while waiting for the baseline: interrupted, retried later
-                trial.set_user_attr("score", score)
-                study.tell(trial, state=TrialState.FAIL)
-                raise
+        return _reuse(study, trial, key, coverage, previous, budget)
+    score, drop, error, eval_s = _evaluate(study, trial, plan, build, evaluate, baseline, budget)
     duration = time.perf_counter() - start
     trial.set_user_attr("duration_s", round(duration, 4))
     trial.set_user_attr("overhead_s", round(duration - eval_s, 4))
@@ -260,3 +221,69 @@ def run_trial(
     if key not in known or outcome.state == "COMPLETE":
         known[key] = outcome
     return outcome
+
+
+def _ask(study: optuna.Study, propose: dict[str, Any] | None) -> optuna.Trial:
+    if propose is not None:
+        study.enqueue_trial(propose, skip_if_exists=False)
+    with warnings.catch_warnings():  # we keep the heartbeat ourselves (`_Heartbeat`), not Study.optimize
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        return study.ask()
+
+
+def _pruned(study: optuna.Study, trial: optuna.Trial, key: str, coverage: float, beat_coverage: float | None) -> bool:
+    """Prune (without evaluating) a plan that cannot beat the best met one, or that an earlier
+    trial is evaluating now."""
+    if beat_coverage is not None and coverage <= beat_coverage:
+        trial.set_user_attr("pruned", f"INT8 MAC share {coverage:.1%} cannot beat the best met plan's {beat_coverage:.1%}")
+        study.tell(trial, state=TrialState.PRUNED)
+        return True
+    earlier = _taken_by_earlier(study, key, trial.number)
+    if earlier is not None:
+        trial.set_user_attr("pruned", f"the same plan is being evaluated in trial {earlier}")
+        study.tell(trial, state=TrialState.PRUNED)
+        return True
+    return False
+
+
+def _reuse(study: optuna.Study, trial: optuna.Trial, key: str, coverage: float, previous: Outcome,
+           budget: Budget) -> Outcome:
+    """A plan evaluated before: its result is copied into the trial."""
+    trial.set_user_attr("duplicate_of", previous.number)
+    trial.set_user_attr("score", previous.score)
+    trial.set_user_attr("drop", previous.drop)
+    trial.set_constraint("accuracy", previous.drop - budget.max_drop)
+    study.tell(trial, coverage)
+    return Outcome(trial.number, "COMPLETE", key, previous.score, previous.drop, coverage, previous.met,
+                   None, 0.0, 0.0, reused=True)
+
+
+def _evaluate(study: optuna.Study, trial: optuna.Trial, plan: Plan, build: Callable[[Plan], Any],
+              evaluate: Callable[[Any], float], baseline: Callable[[], float],
+              budget: Budget) -> tuple[float | None, float | None, str | None, float]:
+    """Build and evaluate the plan (heartbeat on): score, drop, error (the user's evaluate failed on
+    this plan: recorded, the search goes on), seconds in `evaluate`."""
+    score = drop = error = None
+    eval_s = 0.0
+    with _Heartbeat(study, trial._trial_id):
+        try:
+            candidate = build(plan)
+            trial.set_user_attr("evaluated", True)  # a call of the user's evaluation, counted per worker
+            eval_start = time.perf_counter()
+            try:
+                score = float(evaluate(candidate))
+            finally:
+                eval_s = time.perf_counter() - eval_start
+            if not math.isfinite(score):
+                raise ValueError(f"evaluate returned {score}, not a finite number")
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            trial.set_user_attr("traceback", traceback.format_exc(limit=5)[-2000:])
+        if error is None:
+            try:
+                drop = budget.drop(baseline(), score)
+            except BaseException:  # stopped while waiting for the baseline: interrupted, retried later
+                trial.set_user_attr("score", score)
+                study.tell(trial, state=TrialState.FAIL)
+                raise
+    return score, drop, error, eval_s

@@ -6,9 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from api.settings import get_settings
-
-from .worker import run_worker
+from .process import run_worker
+from .settings import get_settings
 
 
 def main() -> None:

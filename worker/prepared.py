@@ -20,9 +20,8 @@ import hashlib
 
 from sqlalchemy import delete, exists, select, update
 
-from api.db import epoch
-from api.models import Job, JobFile, Lease
-
+from .db import epoch
+from .models import JobRecord, JobFile, Lease
 from .queue import Claim, Queue
 
 KIND = "prepared"
@@ -43,9 +42,9 @@ class JobStore:
 
     def claim(self, name: str) -> bool:
         with self.sessions() as session:
-            session.execute(update(Job).where(Job.id == self.job_id).values(updated_at=Job.updated_at)
+            session.execute(update(JobRecord).where(JobRecord.id == self.job_id).values(updated_at=JobRecord.updated_at)
                             .execution_options(synchronize_session=False))  # one claimant of this job at a time
-            if session.scalar(select(Job.status).where(Job.id == self.job_id)) not in ("queued", "running"):
+            if session.scalar(select(JobRecord.status).where(JobRecord.id == self.job_id)) not in ("queued", "running"):
                 session.rollback()
                 return False  # the job is over (finished by another worker, cancelled): nothing to compute
             row = session.execute(select(JobFile.id, JobFile.size, JobFile.filename).where(*self._entry(name))).first()

@@ -16,8 +16,8 @@ from typing import Any
 from sqlalchemy import Engine, and_, exists, or_, select, update
 from sqlalchemy.orm import Session
 
-from api.db import epoch, make_sessionmaker, utcnow
-from api.models import Job, JobFile, Lease
+from .db import epoch, make_sessionmaker, utcnow
+from .models import JobRecord, JobFile, Lease
 
 log = logging.getLogger("quanttune.worker")
 ACTIVE = ("queued", "running")
@@ -43,8 +43,8 @@ class Queue:
         """Take one free or stale slot of the oldest active job, or None when there is none."""
         with self.sessions() as session:
             now = epoch()
-            claimable = and_(Job.status.in_(ACTIVE), or_(Lease.worker_id.is_(None), Lease.expires_at < now))
-            query = (select(Lease.job_id, Lease.slot, Lease.worker_id).join(Job, Job.id == Lease.job_id)
+            claimable = and_(JobRecord.status.in_(ACTIVE), or_(Lease.worker_id.is_(None), Lease.expires_at < now))
+            query = (select(Lease.job_id, Lease.slot, Lease.worker_id).join(JobRecord, JobRecord.id == Lease.job_id)
                      .where(claimable).order_by(Lease.job_id, Lease.slot))
             if self.postgres:
                 query = query.limit(1).with_for_update(of=Lease, skip_locked=True)
@@ -55,13 +55,13 @@ class Queue:
                     update(Lease)
                     .where(Lease.job_id == job_id, Lease.slot == slot,
                            or_(Lease.worker_id.is_(None), Lease.expires_at < now),
-                           exists().where(Job.id == job_id, Job.status.in_(ACTIVE)))
+                           exists().where(JobRecord.id == job_id, JobRecord.status.in_(ACTIVE)))
                     .values(worker_id=worker_id, expires_at=now + self.lease_seconds, claims=Lease.claims + 1)
                     .execution_options(synchronize_session=False)
                 ).rowcount
                 if taken != 1:
                     continue  # another worker won this slot between our SELECT and UPDATE (SQLite)
-                session.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
+                session.execute(update(JobRecord).where(JobRecord.id == job_id, JobRecord.status == "queued")
                                 .values(status="running", started_at=utcnow(), updated_at=utcnow())
                                 .execution_options(synchronize_session=False))
                 session.commit()
@@ -96,11 +96,11 @@ class Queue:
 
     def status(self, job_id: int) -> str | None:
         with self.sessions() as session:
-            return session.scalar(select(Job.status).where(Job.id == job_id))
+            return session.scalar(select(JobRecord.status).where(JobRecord.id == job_id))
 
-    def job(self, job_id: int) -> Job | None:
+    def job(self, job_id: int) -> JobRecord | None:
         with self.sessions() as session:
-            return session.get(Job, job_id)
+            return session.get(JobRecord, job_id)
 
     def inputs(self, job_id: int) -> dict[str, tuple[str, bytes]]:
         """The job's uploads: role -> (filename, bytes)."""
@@ -113,7 +113,7 @@ class Queue:
     def add_evaluation(self, job_id: int) -> None:
         """One more call of the job's evaluation (by any worker, whatever the job's status now)."""
         with self.sessions() as session:
-            session.execute(update(Job).where(Job.id == job_id).values(evaluations=Job.evaluations + 1)
+            session.execute(update(JobRecord).where(JobRecord.id == job_id).values(evaluations=JobRecord.evaluations + 1)
                             .execution_options(synchronize_session=False))
             session.commit()
 
@@ -125,8 +125,8 @@ class Queue:
                 return False
             changes: dict[str, Any] = {**values, "updated_at": utcnow()}
             if add_trials:
-                changes["trials"] = Job.trials + add_trials
-            done = session.execute(update(Job).where(Job.id == claim.job_id, Job.status == "running")
+                changes["trials"] = JobRecord.trials + add_trials
+            done = session.execute(update(JobRecord).where(JobRecord.id == claim.job_id, JobRecord.status == "running")
                                    .values(**changes).execution_options(synchronize_session=False)).rowcount
             session.commit()
             return done == 1
@@ -144,7 +144,7 @@ class Queue:
                 log.warning("job %s: not finished as %s: slot %s no longer owned", claim.job_id, status, claim.slot)
                 return False
             now = utcnow()
-            done = session.execute(update(Job).where(Job.id == claim.job_id, Job.status == "running")
+            done = session.execute(update(JobRecord).where(JobRecord.id == claim.job_id, JobRecord.status == "running")
                                    .values(status=status, finished_at=now, updated_at=now, **values)
                                    .execution_options(synchronize_session=False)).rowcount
             if done != 1:

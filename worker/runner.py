@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
 import tempfile
@@ -11,78 +10,21 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 import tuner
-from api.db import optuna_engine_kwargs
-from api.references import resolve
-from api.settings import Settings
-from api.studies import study_name
-from api.tensorfiles import check_dataset, labels, read_tensors, to_batches
 
-from . import evaluators
+from .inputs import build_inputs
 from .prepared import JobStore
 from .queue import Claim, Queue
+from .settings import Settings
+from .spec import JobSpec
+from .studies import TrackingStorage, close, fail_running, open_storage, running_trials, study_name
 
 log = logging.getLogger("quanttune.worker")
-
-
-def tracking_storage(url: str, settings: Settings, on_track: Callable[[int], None] | None = None) -> Any:
-    """An Optuna RDB storage (trial heartbeats on) that remembers the trials this process runs,
-    so that the worker's heartbeat thread keeps them alive and another worker can tell a slow trial
-    from one whose worker died (Optuna wraps storages in `_CachedStorage`, so this does not depend
-    on the caller seeing an `RDBStorage`). `on_track(trial_id)` hears of each trial this process
-    starts running (a supervised run tells its worker, which may have to fail it)."""
-    import optuna
-
-    class TrackingStorage(optuna.storages.RDBStorage):
-        def __init__(self) -> None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                super().__init__(url, engine_kwargs=optuna_engine_kwargs(url), skip_compatibility_check=True,
-                                 skip_table_creation=True, heartbeat_interval=settings.trial_heartbeat_seconds,
-                                 grace_period=settings.trial_grace_seconds)
-            self.created: set[int] = set()
-            self._lock = threading.Lock()
-
-        def create_new_trial(self, study_id: int, template_trial: Any = None) -> int:
-            trial_id = super().create_new_trial(study_id, template_trial)
-            if template_trial is None or template_trial.state.name == "RUNNING":
-                self._track(trial_id)
-            return trial_id
-
-        def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
-            # `study.ask()` takes an enqueued (WAITING) trial by switching it to RUNNING here
-            changed = super().set_trial_state_values(trial_id, state, values)
-            if changed and state.name == "RUNNING":
-                self._track(trial_id)
-            return changed
-
-        def _track(self, trial_id: int) -> None:
-            self.record_heartbeat(trial_id)
-            with self._lock:
-                self.created.add(trial_id)
-            if on_track is not None:
-                on_track(trial_id)
-
-        def beat(self) -> None:
-            """Heartbeat this process's RUNNING trials; forget the finished ones."""
-            from optuna.trial import TrialState
-
-            with self._lock:
-                mine = list(self.created)
-            for trial_id in mine:
-                if self.get_trial(trial_id).state == TrialState.RUNNING:
-                    self.record_heartbeat(trial_id)
-                else:
-                    with self._lock:
-                        self.created.discard(trial_id)
-
-    return TrackingStorage()
 
 
 def database_outage(exc: BaseException) -> bool:
@@ -107,84 +49,6 @@ def database_outage(exc: BaseException) -> bool:
 def _first_line(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc.__cause__ or exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
-
-
-class JobInputError(tuner.QuanttuneError):
-    """The job's model, data or references could not be turned into what `tune` takes."""
-
-
-@dataclass
-class Inputs:
-    model: nn.Module
-    calibration: list[Any]
-    evaluate: Callable[[nn.Module], float]
-
-
-def build_inputs(spec: dict[str, Any], files: dict[str, tuple[str, bytes]], settings: Settings, workdir: Path) -> Inputs:
-    allowed = settings.allowed_modules
-    batch_size = int(spec.get("batch_size", 32))
-    try:
-        if "model_file" in files:
-            from tuner.exported import load_exported
-
-            path = workdir / "model.pt2"
-            path.write_bytes(files["model_file"][1])
-            model = load_exported(path)
-        else:
-            model = resolve(spec["model"], allowed, field="spec.model")()
-            if "weights_file" in files:
-                if not isinstance(model, nn.Module):
-                    raise JobInputError(f"spec.model {spec['model']!r} returned {type(model).__name__}, not an nn.Module")
-                model.load_state_dict(read_tensors(files["weights_file"][1], field="weights_file"))
-        if not isinstance(model, nn.Module):
-            raise JobInputError(f"the model is a {type(model).__name__}, not a torch nn.Module")
-        model.eval()
-
-        if "calibration_file" in files:
-            tensors = read_tensors(files["calibration_file"][1], field="calibration_file")
-            check_dataset(tensors, field="calibration_file")
-            calibration = to_batches(tensors, batch_size)
-        else:
-            calibration = list(resolve(spec["calibration"], allowed, field="spec.calibration")())
-        check_fits(model, calibration)  # factory models are built here only: the API could not check this
-
-        if spec.get("evaluate"):
-            evaluate = resolve(spec["evaluate"], allowed, field="spec.evaluate")
-        elif spec.get("evaluator") == "top1":
-            tensors = read_tensors(files["eval_file"][1], field="eval_file")
-            check_dataset(tensors, field="eval_file", need_label=True)
-            evaluate = evaluators.top1(to_batches(tensors, batch_size), labels(tensors, batch_size))
-        else:  # agreement with the FP32 model, on eval_file inputs or the calibration data
-            if "eval_file" in files:
-                tensors = read_tensors(files["eval_file"][1], field="eval_file")
-                check_dataset(tensors, field="eval_file")
-                batches = to_batches(tensors, batch_size)
-            else:
-                batches = calibration
-            evaluate = evaluators.agreement(copy.deepcopy(model), batches)
-    except tuner.QuanttuneError:
-        raise
-    except Exception as exc:  # the user's factory / data raised: the job fails with the reason
-        raise JobInputError(f"preparing the job failed: {type(exc).__name__}: {str(exc)[:500]}") from exc
-    return Inputs(model, calibration, evaluate)
-
-
-def check_fits(model: nn.Module, calibration: list[Any]) -> None:
-    """Run the model on the first calibration batch, so that data that does not fit the model
-    fails the job with that reason rather than somewhere inside the search."""
-    import torch
-
-    from api.tensorfiles import describe_batch
-    from tuner.batches import call_model
-
-    if not calibration:
-        raise JobInputError("the calibration data is empty: no batch to calibrate on")
-    try:
-        with torch.no_grad():
-            call_model(model, calibration[0])
-    except Exception as exc:
-        raise JobInputError(f"the calibration data does not fit the model: its first batch ({describe_batch(calibration[0])}) "
-                            f"raised {type(exc).__name__}: {str(exc).strip()[:500]}") from None
 
 
 class JobRun:
@@ -284,38 +148,37 @@ class JobRun:
         if job is None:
             return "lost"
         # trial heartbeats: a trial left RUNNING by a dead worker is failed (and retried) after the grace period
-        self._storage = tracking_storage(self.settings.db_url, self.settings,
-                                         on_track=self.monitor.trial if self.monitor is not None else None)
+        self._storage = open_storage(self.settings.db_url, TrackingStorage,
+                                     on_track=self.monitor.trial if self.monitor is not None else None,
+                                     heartbeat_interval=self.settings.trial_heartbeat_seconds,
+                                     grace_period=self.settings.trial_grace_seconds)
         done = threading.Event()
         beat = threading.Thread(target=self.heartbeat, args=(done,), daemon=True, name=f"heartbeat-{job.id}")
         beat.start()
         workdir = Path(tempfile.mkdtemp(prefix=f"job-{job.id}-", dir=self._work_root()))
         try:
-            return self._run(job.spec, workdir)
+            return self._run(job.spec or {}, workdir)
         finally:
             done.set()
             beat.join()
             shutil.rmtree(workdir, ignore_errors=True)
-            self._storage.remove_session()
-            self._storage.engine.dispose()
+            close(self._storage)
 
     def _work_root(self) -> str:
         root = Path(self.settings.data_dir) / "work"
         root.mkdir(parents=True, exist_ok=True)
         return str(root)
 
-    def _run(self, spec: dict[str, Any], workdir: Path) -> str:
+    def _run(self, stored: dict[str, Any], workdir: Path) -> str:
         job_id = self.claim.job_id
         try:
+            spec = JobSpec.from_stored(stored)
             inputs = build_inputs(spec, self.queue.inputs(job_id), self.settings, workdir)
             evaluate = self._counted(self.monitor.wrap(inputs.evaluate) if self.monitor is not None else inputs.evaluate)
             result = tuner.tune(
-                inputs.model, inputs.calibration, evaluate,
-                max_drop=spec["max_drop"], relative=spec["relative"], higher_is_better=spec["higher_is_better"],
-                max_trials=spec.get("max_trials"), timeout=spec.get("timeout"), storage=self._storage,
-                study_name=study_name(job_id), seed=spec.get("seed", 0), space=spec.get("space"), verbose=True,
-                should_stop=self.should_stop, on_trial=self.on_trial, shared=JobStore(self.queue, self.claim),
-                worker=self.claim.worker_id,
+                inputs.model, inputs.calibration, evaluate, options=spec.options, storage=self._storage,
+                study_name=study_name(job_id), should_stop=self.should_stop, on_trial=self.on_trial,
+                shared=JobStore(self.queue, self.claim), worker=self.claim.worker_id,
             )
             if result.stopped or self.lost.is_set() or self.ended.is_set():
                 self.queue.release(self.claim)
@@ -380,17 +243,8 @@ class JobRun:
     def _close_running_trials(self) -> None:
         """The job is over: a trial still RUNNING (its worker was killed, or a co-worker is midway)
         can no longer change the result; mark it FAIL so the study reads as finished."""
-        from optuna.exceptions import UpdateFinishedTrialError
-        from optuna.trial import TrialState
-
         try:
-            study_id = self._storage.get_study_id_from_name(study_name(self.claim.job_id))
-            for trial in self._storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-                try:
-                    self._storage.set_trial_user_attr(trial._trial_id, "error", "interrupted: the job finished while "
-                                                      "this trial was running (or its worker had stopped)")
-                    self._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-                except UpdateFinishedTrialError:
-                    pass  # finished meanwhile by its own worker
+            fail_running(self._storage, running_trials(self._storage, self.claim.job_id),
+                         "interrupted: the job finished while this trial was running (or its worker had stopped)")
         except Exception:
             log.exception("job %s: closing running trials failed", self.claim.job_id)

@@ -30,14 +30,13 @@ import os
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
-from api.settings import Settings
-from api.studies import study_name
-
 from .queue import Claim, Queue
+from .settings import Settings
+from .signals import die_with_parent
+from .studies import baseline_known, close, fail_running, open_storage
 
 log = logging.getLogger("quanttune.worker")
 SPAWN = multiprocessing.get_context("spawn")
@@ -77,13 +76,7 @@ class Monitor:
 
 
 def _die_with(parent_pid: int) -> None:
-    if hasattr(os, "sched_getaffinity"):  # Linux
-        import ctypes
-
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
+    die_with_parent(signal.SIGKILL)
     if os.getppid() != parent_pid:  # the worker died before we asked
         os._exit(1)
 
@@ -92,8 +85,7 @@ def child_main(settings: Settings, claim: Claim, conn: Any, parent_pid: int) -> 
     """Entry point of the child process: run the claimed slot like an unsupervised worker."""
     _die_with(parent_pid)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from api.db import make_engine
-
+    from .db import make_engine
     from .runner import JobRun
 
     shutdown = threading.Event()
@@ -135,8 +127,7 @@ class Supervisor:
                 log.info("job %s: resuming the study in a fresh process", self.claim.job_id)
         finally:
             if self._storage is not None:
-                self._storage.remove_session()
-                self._storage.engine.dispose()
+                close(self._storage)
 
     # -- one child -------------------------------------------------------------------------------
     def _run_child(self) -> str | None:
@@ -251,43 +242,15 @@ class Supervisor:
     # -- the study -------------------------------------------------------------------------------
     def storage(self) -> Any:
         if self._storage is None:
-            import optuna
-
-            from api.db import optuna_engine_kwargs
-
-            url = self.settings.db_url
-            self._storage = optuna.storages.RDBStorage(url, engine_kwargs=optuna_engine_kwargs(url),
-                                                       skip_compatibility_check=True, skip_table_creation=True)
+            self._storage = open_storage(self.settings.db_url)
         return self._storage
 
     def _fail_running(self, trials: set[int], error: str) -> list[int]:
         """Mark FAIL, with `error`, those of `trials` still RUNNING; their numbers."""
-        from optuna.exceptions import UpdateFinishedTrialError
-        from optuna.trial import TrialState
-
-        failed = []
-        for trial_id in sorted(trials):
-            try:
-                trial = self.storage().get_trial(trial_id)
-                if trial.state != TrialState.RUNNING:
-                    continue
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    self.storage().set_trial_user_attr(trial_id, "error", error)
-                    self.storage().set_trial_state_values(trial_id, TrialState.FAIL)
-                failed.append(trial.number)
-            except (KeyError, UpdateFinishedTrialError):
-                continue  # deleted with its job, or finished meanwhile
-            except Exception:
-                log.exception("job %s: could not mark trial %s failed", self.claim.job_id, trial_id)
-        return failed
+        return fail_running(self.storage(), trials, error)
 
     def _baseline_known(self) -> bool:
-        try:
-            study_id = self.storage().get_study_id_from_name(study_name(self.claim.job_id))
-            return "baseline" in self.storage().get_study_user_attrs(study_id)
-        except KeyError:
-            return False
+        return baseline_known(self.storage(), self.claim.job_id)
 
 
 def _exit_reason(exitcode: int | None) -> str:

@@ -19,8 +19,9 @@ import time
 
 from fastapi import Request, Response
 
+from worker.models import Token
+
 from ..auth import owner_for
-from ..models import Token
 
 log = logging.getLogger("quanttune.dashboard")
 

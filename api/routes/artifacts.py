@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Response
-from starlette.concurrency import run_in_threadpool
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from worker.models import JobFile
 
 from ..deps import JobDep, SessionDep
 from ..errors import NotFound, NotReady
-from ..models import JobFile
+from ..jobs import artifact, report_content
 from ..schemas import ArtifactPublic, ArtifactsPublic, ErrorBody
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["artifacts"])
@@ -19,18 +20,13 @@ _ERRORS = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": 
 MEDIA = {".onnx": "application/octet-stream", ".json": "application/json"}
 
 
-def _artifact(session: SessionDep, job_id: int, name: str) -> JobFile | None:
-    return session.scalar(select(JobFile).where(JobFile.job_id == job_id, JobFile.kind == "artifact",
-                                                JobFile.role == name))
-
-
 @router.get("/report", responses={**_ERRORS, 409: {"model": ErrorBody}})
 async def report(job: JobDep, session: SessionDep) -> dict[str, Any]:
     """The content of report.json (409 not_ready until the job succeeded)."""
-    found = await run_in_threadpool(_artifact, session, job.id, "report.json")
-    if found is None:
+    content = await run_in_threadpool(report_content, session, job.id)
+    if content is None:
         raise NotReady(f"job {job.id} is {job.status}: its report exists once it succeeded.")
-    return json.loads(found.data)
+    return content
 
 
 @router.get("/artifacts", response_model=ArtifactsPublic, responses=_ERRORS)
@@ -52,7 +48,7 @@ def download(job: JobDep, session: SessionDep,
              name: Annotated[str, Path(max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]) -> Response:
     """Download one artifact as an attachment (names are fixed by the server: model.onnx,
     plan.json, report.json)."""
-    found = _artifact(session, job.id, name)
+    found = artifact(session, job.id, name)
     if found is None:
         if job.status != "succeeded":
             raise NotReady(f"job {job.id} is {job.status}: artifacts exist once it succeeded.")

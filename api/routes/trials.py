@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from ..deps import JobDep, SessionDep, StudiesDep
-from ..models import JobFile
+from ..jobs import report_content
+from ..public import trial_public
 from ..schemas import FINISHED_STATUSES, ErrorBody, LedgerPublic, TrialsPublic
-from ..studies import trial_public
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["trials"])
 _ERRORS = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}}
@@ -45,9 +43,7 @@ async def ledger(job: JobDep, session: SessionDep, studies: StudiesDep) -> Ledge
 
     def read() -> LedgerPublic:
         attrs = studies.user_attrs(job.id)
-        report = session.scalar(select(JobFile).where(JobFile.job_id == job.id, JobFile.kind == "artifact",
-                                                      JobFile.role == "report.json"))
-        content = json.loads(report.data) if report is not None else {}
+        content = report_content(session, job.id) or {}
         return LedgerPublic(layers=list(attrs.get("layers") or content.get("layers") or []),
                             baseline=attrs.get("baseline", job.baseline), ledger=content.get("ledger"))
 

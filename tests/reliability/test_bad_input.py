@@ -18,10 +18,10 @@ from sqlalchemy import func, select
 from torch import nn
 
 from api.app import create_app
-from api.models import Job, JobFile, Lease
-from api.settings import Settings
+from worker.models import JobRecord, JobFile, Lease
+from worker.settings import Settings
 from tests.reliability.conftest import DIGITS
-from tuner.exported import export_model
+from tuner.pt2_archive import export_model
 
 pytestmark = pytest.mark.parametrize("migrated_db", ["sqlite"], indirect=True)  # refused before any write
 
@@ -63,7 +63,7 @@ def post(client: TestClient, spec: dict | str | bytes, **files: bytes | tuple): 
 
 def stored(client: TestClient) -> tuple[int, int, int]:
     with client.sessions() as session:
-        return tuple(session.scalar(select(func.count()).select_from(t)) for t in (Job, JobFile, Lease))
+        return tuple(session.scalar(select(func.count()).select_from(t)) for t in (JobRecord, JobFile, Lease))
 
 
 def refused(response, status: int, code: str, field: str | None = None, says: str = "") -> str:  # noqa: ANN001

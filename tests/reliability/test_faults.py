@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from api.settings import Settings
+from worker.settings import Settings
 from worker import Worker
 
 from tests.reliability.conftest import DIGITS, NAIVE

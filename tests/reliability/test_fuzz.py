@@ -23,7 +23,7 @@ from torch import nn
 
 from tests.reliability.conftest import DIGITS
 from tests.support import Processes, wait_http, wait_job
-from tuner.exported import export_model
+from tuner.pt2_archive import export_model
 
 pytestmark = pytest.mark.slow
 

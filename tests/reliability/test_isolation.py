@@ -20,7 +20,7 @@ from torch import nn
 
 from tests.reliability.conftest import DIGITS, NAIVE, Served
 from tests.support import wait_job
-from tuner.exported import export_model
+from tuner.pt2_archive import export_model
 
 pytestmark = pytest.mark.slow
 ROUTES = [("get", ""), ("get", "/trials"), ("get", "/ledger"), ("get", "/report"), ("get", "/artifacts"),
@@ -107,8 +107,8 @@ def test_another_token_cannot_reach_the_jobs_through_the_dashboard(served: Serve
 def test_tokens_are_stored_only_as_hashes(served: Served, alice_jobs: dict) -> None:
     from sqlalchemy import select
 
-    from api.db import make_engine, make_sessionmaker
-    from api.models import Token
+    from worker.db import make_engine, make_sessionmaker
+    from worker.models import Token
 
     engine = make_engine(served.db_url)
     with make_sessionmaker(engine)() as session:

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from torch import nn
 
 from tests.support import Processes, wait_http
-from tuner.exported import export_model
+from tuner.pt2_archive import export_model
 
 pytestmark = pytest.mark.slow
 JOBS = 50
@@ -25,8 +25,8 @@ JOBS = 50
 
 def test_fifty_concurrent_jobs_are_all_accepted_finish_and_run_once(processes: Processes, tmp_path: Path,
                                                                     free_port, wait_until) -> None:  # noqa: ANN001
-    from api.db import make_engine, make_sessionmaker
-    from api.models import Lease
+    from worker.db import make_engine, make_sessionmaker
+    from worker.models import Lease
 
     db, port = f"sqlite:///{tmp_path / 'quanttune.db'}", free_port()
     token = processes.migrate_and_create_token(db, "load")

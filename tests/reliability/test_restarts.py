@@ -58,15 +58,15 @@ def test_api_restarted_while_a_job_runs_loses_nothing(processes: Processes, faul
             client.get("/v1/health")
         down = time.monotonic()
         # the worker carries on without the API: trials keep landing in the database
-        from api.db import make_engine, make_sessionmaker
-        from api.models import Job
+        from worker.db import make_engine, make_sessionmaker
+        from worker.models import JobRecord
 
         engine = make_engine(db)
         sessions = make_sessionmaker(engine)
 
         def trials_in_db() -> int:
             with sessions() as session:
-                return session.get(Job, job_id).trials
+                return session.get(JobRecord, job_id).trials
 
         while trials_in_db() <= len(before) and time.monotonic() - down < 120:
             time.sleep(0.5)

@@ -9,9 +9,9 @@ import time
 import pytest
 from sqlalchemy import func, select
 
-from api.db import make_engine, make_sessionmaker
+from worker.db import make_engine, make_sessionmaker
 from api.jobs import create_job
-from api.models import Job, JobFile, Lease, Token
+from worker.models import JobRecord, JobFile, Lease, Token
 from api.schemas import JobCreate
 from worker.queue import Queue
 
@@ -39,7 +39,7 @@ def store(migrated_db):  # noqa: ANN001, ANN201
 
 def status(sessions, job_id: int) -> str:  # noqa: ANN001
     with sessions() as session:
-        return session.scalar(select(Job.status).where(Job.id == job_id))
+        return session.scalar(select(JobRecord.status).where(JobRecord.id == job_id))
 
 
 def test_claim_takes_the_oldest_job_and_marks_it_running(store) -> None:  # noqa: ANN001
@@ -104,7 +104,7 @@ def test_stale_lease_is_reclaimed_and_the_old_owner_can_no_longer_finish(store) 
     assert queue.renew(alive)
     assert queue.finish(alive, "succeeded", {"score": 97.0}, {"plan.json": b"{}"})
     with sessions() as session:
-        done = session.get(Job, job)
+        done = session.get(JobRecord, job)
         assert (done.status, done.score) == ("succeeded", 97.0) and done.finished_at is not None
         assert session.scalars(select(JobFile.role).where(JobFile.job_id == job)).all() == ["plan.json"]
         assert session.scalar(select(Lease.worker_id).where(Lease.job_id == job)) is None
@@ -128,8 +128,8 @@ def test_finished_cancelled_and_deleted_jobs_are_not_claimed(store) -> None:  # 
     claim = queue.claim("w1")
     assert claim.job_id == cancelled
     with sessions() as session:
-        session.get(Job, cancelled).status = "cancelled"
-        session.delete(session.get(Job, deleted))
+        session.get(JobRecord, cancelled).status = "cancelled"
+        session.delete(session.get(JobRecord, deleted))
         session.commit()
     assert queue.claim("w2") is None  # slot 1 of the cancelled job is free but the job is over
     assert queue.status(cancelled) == "cancelled"
@@ -146,9 +146,9 @@ def test_progress_accumulates_trials_from_several_workers(store) -> None:  # noq
     job = submit(parallelism=2)
     a, b = queue.claim("a"), queue.claim("b")
     for claim in (a, b, a):
-        assert queue.progress(claim, {"best_score": 96.5, "evaluations": Job.evaluations + 2}, add_trials=1)
+        assert queue.progress(claim, {"best_score": 96.5, "evaluations": JobRecord.evaluations + 2}, add_trials=1)
     with sessions() as session:
-        row = session.get(Job, job)
+        row = session.get(JobRecord, job)
         assert (row.trials, row.evaluations, row.best_score) == (3, 6, 96.5)
     queue.release(a)
     assert queue.claim("c").slot == a.slot

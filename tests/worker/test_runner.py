@@ -15,11 +15,12 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save as save_safetensors
 
 from api.app import create_app
-from api.settings import Settings
-from api.tensorfiles import read_tensors
+from worker.settings import Settings
+from worker.tensorfiles import read_tensors
 from tuner.examples import digits
 from worker import Worker
-from worker.runner import build_inputs
+from worker.inputs import build_inputs
+from worker.spec import JobSpec
 
 NAIVE = {"activation": ["max"], "scheme": ["affine"], "weights": ["per_tensor"], "smooth": False}  # breaks 1%
 SQLITE = pytest.mark.parametrize("migrated_db", ["sqlite"], indirect=True)
@@ -151,7 +152,7 @@ def test_cancel_takes_effect_within_one_trial(service: TestClient, running_job: 
 
 @SQLITE
 def test_uploaded_export_archive_becomes_the_model(service: TestClient, tmp_path: Path) -> None:
-    from tuner.exported import export_model
+    from tuner.pt2_archive import export_model
 
     model = digits.build_model()
     batch = digits.calibration_data()[0]
@@ -161,7 +162,7 @@ def test_uploaded_export_archive_becomes_the_model(service: TestClient, tmp_path
     job = service.get(f"/v1/jobs/{job_id}").json()
     assert job["model_source"] == "upload:model_file.safetensors" and job["evaluation_source"] == "builtin:agreement"
     spec = {"evaluator": "agreement", "batch_size": 32}
-    inputs = build_inputs(spec, {k: (k, v) for k, v in files.items()}, service.settings, tmp_path)
+    inputs = build_inputs(JobSpec.from_stored(spec), {k: (k, v) for k, v in files.items()}, service.settings, tmp_path)
     with torch.no_grad():
         assert torch.allclose(inputs.model(batch), model(batch), atol=1e-5)
     assert inputs.evaluate(inputs.model) == 100.0  # agreement of the FP32 model with itself
@@ -207,7 +208,7 @@ def test_two_workers_prepare_once_and_their_counts_add_up(service: TestClient, m
     from worker.prepared import JobStore
     from worker.queue import Claim
 
-    tune_module = sys.modules["tuner.tune"]  # `tuner.tune` is also the function
+    tune_module = sys.modules["tuner.coordination"]  # where `tune` calibrates
     calls = []
     real = tune_module.calibrate
     monkeypatch.setattr(tune_module, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))

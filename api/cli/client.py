@@ -1,0 +1,289 @@
+"""Client commands: `quanttune submit | jobs | status | trials | report | download | cancel | wait`.
+
+The server URL and token come from `--url` / `--token` or `QUANTTUNE_URL` / `QUANTTUNE_TOKEN`.
+Tables for humans, `--json` for scripts (the API's own shapes). Exit codes: 0 done; 1 the
+request was refused (the server's message on stderr) or the server could not be reached; 2 bad
+usage; 3 the job failed or was cancelled (`--wait`, `wait`); 130 Ctrl-C while waiting (the job goes on).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+
+from tuner.options import TuneOptions
+
+
+if TYPE_CHECKING:
+    from ..client import Client
+
+F = TypeVar("F", bound=Callable[..., Any])
+CONNECTION = "Connection"
+EXIT_REFUSED, EXIT_JOB = 1, 3
+
+UrlOption = Annotated[str | None, typer.Option("--url", envvar="QUANTTUNE_URL", show_default=False, rich_help_panel=CONNECTION,
+                                               help="Server URL [default: http://127.0.0.1:8000].")]
+TokenOption = Annotated[str | None, typer.Option("--token", envvar="QUANTTUNE_TOKEN", show_default=False,
+                                                 rich_help_panel=CONNECTION, help="API token.")]
+RequestTimeout = Annotated[float, typer.Option("--request-timeout", min=0.1, rich_help_panel=CONNECTION,
+                                               help="Seconds per HTTP request.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (the API's shapes) instead of tables.")]
+JobId = Annotated[int, typer.Argument(help="Job id.", min=1)]
+
+
+def _client(url: str | None, token: str | None, timeout: float = 30.0) -> Client:
+    from ..client import Client
+
+    return Client(url, token, timeout=timeout)
+
+
+def _console():  # noqa: ANN202
+    from rich.console import Console
+
+    return Console()
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+def _dump(model: Any) -> Any:
+    return model.model_dump(mode="json")
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(f"[red]error:[/] {message}", markup=True, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def handle_errors(command: F) -> F:
+    """Typed SDK errors become a message on stderr and a non-zero exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from rich.markup import escape
+
+        from ..client.errors import APIError, JobError, QuanttuneClientError
+
+        try:
+            return command(*args, **kwargs)
+        except JobError as exc:
+            raise _fail(escape(str(exc)), EXIT_JOB) from None
+        except APIError as exc:
+            where = f" [{exc.status} {exc.code or ''}{', ' + exc.field if exc.field else ''}]"
+            raise _fail(escape(exc.message) + escape(where), EXIT_REFUSED) from None
+        except QuanttuneClientError as exc:
+            raise _fail(escape(str(exc)), EXIT_REFUSED) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _space(value: str | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    text = Path(value[1:]).read_text() if value.startswith("@") else value
+    try:
+        space = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"not JSON: {exc}", param_hint="--space") from None
+    if not isinstance(space, dict):
+        raise typer.BadParameter("must be a JSON object", param_hint="--space")
+    return space
+
+
+def _finish_wait(job: Any, as_json: bool) -> None:
+    """Wait with the progress bar (stderr), then print the job; exit 3 if it failed/was cancelled."""
+    from ..client.errors import JobError
+    from ..client.render import job_table
+
+    try:
+        info = job.wait(progress=True)
+    except JobError as exc:
+        if as_json:
+            _print_json(_dump(exc.job))
+        raise
+    except KeyboardInterrupt:
+        raise _fail(f"interrupted; job {job.id} goes on: `quanttune wait {job.id}` follows it, "
+                    f"`quanttune cancel {job.id}` stops it.", 130) from None
+    if as_json:
+        _print_json(_dump(info))
+    else:
+        _console().print(job_table(info))
+
+
+@handle_errors
+def submit(
+    model: Annotated[str, typer.Argument(help="Factory reference 'module:callable', or a torch.export archive (.pt2).")],
+    calibration: Annotated[str, typer.Option("--calibration", "-c", help="Reference returning batches, or a tensor file "
+                                             "(safetensors / weights-only .pt: 'input' or 'input.N' or keyword names).")],
+    evaluate: Annotated[str, typer.Option("--evaluate", "-e", help="Reference 'module:function(model) -> float', or a "
+                                          "built-in evaluator: top1 | agreement.")],
+    eval_data: Annotated[Path | None, typer.Option("--eval-data", help="Tensor file for the built-in evaluator "
+                                                   "(top1: inputs + 'label').")] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", help="State dict for the factory (safetensors or .pt).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Job name.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Batch size for uploaded tensors [default: 32].")] = None,
+    max_drop: Annotated[float, typer.Option("--max-drop", min=0.0, help="Accuracy budget.")] = TuneOptions.max_drop,
+    relative: Annotated[bool, typer.Option("--relative/--absolute", help="Budget relative to the FP32 baseline, or absolute.")] = TuneOptions.relative,
+    higher_is_better: Annotated[bool, typer.Option("--higher-is-better/--lower-is-better")] = TuneOptions.higher_is_better,
+    max_trials: Annotated[int | None, typer.Option("--max-trials", min=1, help="Most trials.")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", min=0.001, help="Seconds of search.")] = TuneOptions.timeout,
+    trial_timeout: Annotated[float | None, typer.Option("--trial-timeout", min=1, help="Seconds one evaluation may "
+                                                        "take; a trial over it fails and the search goes on.")] = None,
+    space: Annotated[str | None, typer.Option("--space", help="Search-space restriction as JSON, or @file.json.")] = None,
+    parallelism: Annotated[int, typer.Option("--parallelism", min=1, help="Workers that may work on it at once.")] = 1,
+    seed: Annotated[int, typer.Option("--seed", min=0)] = TuneOptions.seed,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the job with a progress bar until it finishes.")] = False,
+    as_json: JsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    request_timeout: RequestTimeout = 30.0,
+) -> None:
+    """Submit a tuning job (same inputs as `Client.submit`; uploads are files, never pickled)."""
+    with _client(url, token, request_timeout) as client:
+        job = client.submit(model, calibration, evaluate, eval_data=eval_data, weights=weights, name=name,
+                            batch_size=batch_size, max_drop=max_drop, relative=relative,
+                            higher_is_better=higher_is_better, max_trials=max_trials, timeout=timeout,
+                            trial_timeout=trial_timeout, space=_space(space), parallelism=parallelism, seed=seed)
+        if wait:
+            if not as_json:
+                print(f"submitted job {job.id} ({job.info.name})", file=sys.stderr)
+            _finish_wait(job, as_json)
+        elif as_json:
+            _print_json(_dump(job.info))
+        else:
+            typer.echo(f"submitted job {job.id} ({job.info.name}): {job.info.status}; follow it with "
+                       f"`quanttune wait {job.id}` or `quanttune status {job.id}`")
+
+
+@handle_errors
+def jobs(
+    status: Annotated[str | None, typer.Option("--status", help="queued | running | succeeded | failed | cancelled")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=500)] = 50,
+    offset: Annotated[int, typer.Option("--offset", min=0)] = 0,
+    as_json: JsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    request_timeout: RequestTimeout = 30.0,
+) -> None:
+    """List your jobs, newest first."""
+    from ..client.render import jobs_table
+
+    with _client(url, token, request_timeout) as client:
+        page = client.jobs_page(status, offset=offset, limit=limit)  # type: ignore[arg-type]
+    if as_json:
+        _print_json(_dump(page))
+    else:
+        _console().print(jobs_table(page.data, page.count))
+
+
+@handle_errors
+def status(job_id: JobId, as_json: JsonOption = False, url: UrlOption = None, token: TokenOption = None,
+           request_timeout: RequestTimeout = 30.0) -> None:
+    """A job's status, progress and outcome."""
+    from ..client.render import job_table, print_deployment
+
+    with _client(url, token, request_timeout) as client:
+        info = client.job(job_id).info
+    if as_json:
+        _print_json(_dump(info))
+        return
+    console = _console()
+    console.print(job_table(info))
+    if info.deployment is not None:
+        print_deployment(console, info.deployment)
+
+
+@handle_errors
+def trials(
+    job_id: JobId,
+    state: Annotated[str | None, typer.Option("--state", help="COMPLETE | FAIL | RUNNING | PRUNED")] = None,
+    plan: Annotated[bool, typer.Option("--plan", help="Include each trial's full plan (JSON output).")] = False,
+    as_json: JsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    request_timeout: RequestTimeout = 30.0,
+) -> None:
+    """A job's trials: plan summary, score, drop, INT8 coverage, state."""
+    from ..client.render import trials_table
+
+    with _client(url, token, request_timeout) as client:
+        job = client.job(job_id)
+        found = job.trials(state=state, include_plan=plan)
+    if as_json:
+        _print_json({"data": [_dump(t) for t in found], "count": len(found)})
+    else:
+        _console().print(trials_table(found, job.info.relative))
+
+
+@handle_errors
+def report(job_id: JobId, as_json: JsonOption = False, url: UrlOption = None, token: TokenOption = None,
+           request_timeout: RequestTimeout = 30.0) -> None:
+    """A succeeded job's report: figures and each layer's decision with its reason."""
+    from ..client.render import ledger_table, print_deployment, report_summary
+
+    with _client(url, token, request_timeout) as client:
+        content = client.job(job_id).report()
+    if as_json:
+        _print_json(content)
+        return
+    console = _console()
+    console.print(ledger_table(content))
+    console.print(report_summary(content))
+    print_deployment(console, content.get("deployment"))
+
+
+@handle_errors
+def download(
+    job_id: JobId,
+    directory: Annotated[Path, typer.Argument(help="Where to write model.onnx, plan.json, report.json.")],
+    as_json: JsonOption = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    request_timeout: RequestTimeout = 30.0,
+) -> None:
+    """Download a succeeded job's artifacts (SHA-256 checked)."""
+    from ..client.render import artifacts_table
+
+    with _client(url, token, request_timeout) as client:
+        job = client.job(job_id)
+        paths = job.download(directory)
+        listed = job.artifacts()
+    if as_json:
+        _print_json({name: str(path) for name, path in paths.items()})
+    else:
+        _console().print(artifacts_table(listed, paths))
+
+
+@handle_errors
+def cancel(job_id: JobId, as_json: JsonOption = False, url: UrlOption = None, token: TokenOption = None,
+           request_timeout: RequestTimeout = 30.0) -> None:
+    """Cancel a queued or running job (workers stop before their next trial)."""
+    with _client(url, token, request_timeout) as client:
+        info = client.job(job_id).cancel()
+    if as_json:
+        _print_json(_dump(info))
+    else:
+        typer.echo(f"job {info.id} ({info.name}): {info.status}")
+
+
+@handle_errors
+def wait(job_id: JobId, as_json: JsonOption = False, url: UrlOption = None, token: TokenOption = None,
+         request_timeout: RequestTimeout = 30.0) -> None:
+    """Follow a job with a progress bar until it finishes (exit 3 if it failed or was cancelled)."""
+    with _client(url, token, request_timeout) as client:
+        _finish_wait(client.job(job_id), as_json)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the client commands to `app`."""
+    for command in (submit, jobs, status, trials, report, download, cancel, wait):
+        app.command(rich_help_panel="Client")(command)

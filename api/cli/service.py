@@ -1,0 +1,148 @@
+"""Service commands: `quanttune serve | worker | migrate | token create`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+DbOption = Annotated[str | None, typer.Option("--db", help="Database URL (env QUANTTUNE_DB); default: SQLite in the data dir.")]
+DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (env QUANTTUNE_DATA_DIR).")]
+
+
+
+def _settings(db: str | None, data_dir: Path | None):  # noqa: ANN202
+    from worker.settings import get_settings
+
+    return get_settings(db=db, data_dir=data_dir)
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def migrate(db: DbOption = None, data_dir: DataDirOption = None) -> None:
+    """Create or upgrade the database schema (service tables and Optuna's storage)."""
+    from worker.migrate import migrate as run_migrate
+
+    settings = _settings(db, data_dir)
+    run_migrate(settings.db_url)
+    typer.echo(f"database ready: {_safe(settings.db_url)}")
+
+
+def token_create(name: Annotated[str, typer.Option("--name", help="Who the token is for.")],
+                 db: DbOption = None, data_dir: DataDirOption = None) -> None:
+    """Create an API token and print it (only its hash is stored)."""
+    from ..auth import create_token
+    from worker.db import make_engine, make_sessionmaker
+
+    settings = _settings(db, data_dir)
+    engine = make_engine(settings.db_url)
+    with make_sessionmaker(engine)() as session:
+        typer.echo(create_token(session, name))
+    engine.dispose()
+
+
+def worker(db: DbOption = None, data_dir: DataDirOption = None) -> None:
+    """Run one worker: claims jobs from the database and tunes them (SIGTERM stops it cleanly)."""
+    from worker import run_worker
+
+    _logging()
+    run_worker(_settings(db, data_dir))
+
+
+def serve(
+    db: DbOption = None,
+    data_dir: DataDirOption = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Worker processes to start beside the API.")] = 1,
+    api_processes: Annotated[int, typer.Option("--api-processes", min=1, max=64, envvar="QUANTTUNE_API_PROCESSES",
+                                               help="API server processes sharing the port (one per core serves "
+                                                    "the most requests).")] = 1,
+    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log",
+                                             help="Log one line per HTTP request.")] = True,
+    migrate_db: Annotated[bool, typer.Option("--migrate/--no-migrate", help="Migrate the database first.")] = True,
+) -> None:
+    """Run the API plus N worker processes (the embedded default: SQLite under ./quanttune-data)."""
+    import uvicorn
+
+    from worker.db import is_sqlite
+    from worker.signals import die_with_parent  # in each worker child: SIGTERM when `serve` dies, even by SIGKILL
+
+    _logging()
+    settings = _settings(db, data_dir)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if migrate_db:
+        from worker.migrate import migrate as run_migrate
+
+        run_migrate(settings.db_url)
+    if is_sqlite(settings.db_url):
+        _first_token(settings)
+    # the workers and each API process read their settings from this environment
+    os.environ.update(QUANTTUNE_DB=settings.db_url, QUANTTUNE_DATA_DIR=str(settings.data_dir))
+    children = [subprocess.Popen([sys.executable, "-m", "worker"], preexec_fn=die_with_parent)
+                for _ in range(workers)]
+    typer.echo(f"quanttune API on http://{host}:{port}  ({api_processes} API process(es), {workers} worker(s), "
+               f"database {_safe(settings.db_url)})")
+
+    def _exit(signum: int, _frame: object) -> None:  # uvicorn re-raises SIGTERM after its graceful shutdown
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _exit)  # so that the `finally` below still stops the workers
+    try:
+        uvicorn.run("api.app:create_app", factory=True, workers=api_processes, host=host, port=port,
+                    log_level="info", access_log=access_log)
+    finally:
+        _stop(children)
+
+
+def _first_token(settings) -> None:  # noqa: ANN001
+    """Embedded (SQLite) convenience: on a database without any token, create one and print it once."""
+    from sqlalchemy import func, select
+
+    from ..auth import create_token
+    from worker.db import make_engine, make_sessionmaker
+    from worker.models import Token
+
+    engine = make_engine(settings.db_url)
+    with make_sessionmaker(engine)() as session:
+        if not session.scalar(select(func.count()).select_from(Token)):
+            typer.echo(f"no API token existed: created one named 'default': {create_token(session, 'default')}")
+    engine.dispose()
+
+
+def _stop(children: list[subprocess.Popen], grace: float = 20.0) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def _safe(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `migrate`, `worker`, `serve` and the `token` group to `app`."""
+    for command in (migrate, worker, serve):
+        app.command()(command)
+    token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+    token_app.command("create")(token_create)
+    app.add_typer(token_app, name="token")
