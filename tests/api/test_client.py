@@ -131,6 +131,25 @@ def test_builtin_top1_evaluator_with_uploaded_tensors(client: Client) -> None:
     assert info.baseline == pytest.approx(digits.evaluate(digits.build_model()), abs=1e-5)
 
 
+def test_an_evaluation_failing_on_the_onnx_model_keeps_the_finished_search(client: Client, token: str) -> None:
+    job = client.submit("tuner.examples.digits:build_model", "tuner.examples.digits:calibration_data",
+                        "qt_clientcode.evals:torch_only", max_trials=2, name="torch-only evaluation")
+    info = job.wait(progress=False, timeout=300, poll=0.5)
+    assert info.status == "succeeded" and info.met and info.error is None and info.deployed_score is None
+    assert sorted(info.artifacts) == ["model.onnx", "plan.json", "report.json"]
+    error = info.deployment.errors["score"]
+    assert error.startswith("the evaluation raised TypeError when run on the ONNX Runtime model") and "cpu" in error
+    assert job.report()["deployment"]["errors"]["score"] == error
+    from typer.testing import CliRunner
+
+    import api.cli_client  # noqa: F401  (registers the commands)
+    from api.cli import app
+
+    shown = CliRunner().invoke(app, ["status", str(info.id)], env={"QUANTTUNE_URL": client.url, "COLUMNS": "400",
+                                                                   "QUANTTUNE_TOKEN": token})
+    assert shown.exit_code == 0 and "not measured (score): the evaluation raised TypeError" in shown.output
+
+
 def test_cancel_a_running_job(client: Client, tmp_path: Path, wait_until) -> None:  # noqa: ANN001
     job = client.submit("tuner.examples.digits:build_model", "tuner.examples.digits:calibration_data",
                         "qt_clientcode.evals:slow", space=NAIVE, max_trials=40, name="to cancel")
