@@ -226,6 +226,29 @@ class FlakyTransport(httpx.HTTPTransport):
         return super().handle_request(request)
 
 
+def test_export_failures_say_the_cause_once_and_blame_wrong_shaped_calibration(capfd) -> None:  # noqa: ANN001
+    class Branchy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return self.fc(x.flatten(1)) if x.mean() > 0 else -self.fc(x.flatten(1))
+
+    unused = Client("http://127.0.0.1:9", "qt_unused")  # both fail before anything is sent
+    with pytest.raises(InvalidArgumentError) as raised:
+        unused.submit(digits.build_model(), torch.randn(64, 1, 5, 5), "tuner.examples.digits:evaluate")
+    assert str(raised.value).startswith("`calibration`: the data does not fit the model: the first calibration batch "
+                                        "(input: float32[32, 1, 5, 5]) raised RuntimeError: ")
+    assert "the model was not exported or sent" in str(raised.value)
+    with pytest.raises(InvalidArgumentError) as raised:
+        unused.submit(Branchy(), torch.randn(64, 1, 8, 8), "tuner.examples.digits:evaluate")
+    message = str(raised.value)
+    assert message.startswith("`model`: torch.export could not trace Branchy: its forward takes a Python branch")
+    assert "torch.cond" in message and "factory reference" in message and message.count("\n") == 0
+    assert capfd.readouterr().err == ""
+
+
 def test_connection_failures_are_retried_then_reported(running_server, token: str) -> None:  # noqa: ANN001
     flaky = FlakyTransport(2)
     assert Client(running_server.url, token, retries=2, backoff=0.01, transport=flaky).health().status == "ok"
