@@ -14,6 +14,7 @@ from . import __version__
 from .auth import bearer_source
 from .dashboard import install_dashboard
 from .db import make_engine, make_sessionmaker
+from .docs import install_docs
 from .errors import error_response, install_error_handlers
 from .routes import artifacts, health, jobs, trials
 from .settings import Settings, get_settings
@@ -72,7 +73,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
         studies.close()
         engine.dispose()
 
-    app = FastAPI(title="quanttune", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="quanttune", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Accuracy-aware INT8 quantization tuning as a service. See docs/api.md.")
     app.state.settings = settings
     app.state.engine = engine
@@ -86,5 +87,6 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
         v1.include_router(module.router)
     app.include_router(v1)
     install_dashboard(app)  # /dashboard/ pages + its cookie session as a second auth source
+    install_docs(app)  # /docs: Swagger UI served from an installed package (no CDN), JobCreate in the spec
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
     return app
