@@ -419,6 +419,7 @@ def test_finished_job_pages_render_every_plot_table_and_layer(alice_page: Page, 
         page.click("#artifacts a.artifact:text('plan.json')")
     assert json.loads(Path(download.value.path()).read_text())["layers"] == report["plan"]["layers"]
     assert page.is_hidden("#cancel-button")
+    assert page.is_hidden("#job-outcome") == bool(job["met"]) and page.is_hidden("#job-phase")
     alice_page.shot("job-finished")
     assert not alice_page.errors, alice_page.errors
 
