@@ -17,6 +17,7 @@ from worker.studies import Studies
 from . import __version__
 from .auth import bearer_source
 from .dashboard import install_dashboard
+from .docs import install_docs
 from .errors import error_response, install_error_handlers
 from .routes import artifacts, health, jobs, trials
 from .threads import default_threads, set_request_threads
@@ -73,7 +74,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
         studies.close()
         engine.dispose()
 
-    app = FastAPI(title="quanttune", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="quanttune", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Accuracy-aware INT8 quantization tuning as a service. See docs/api.md.")
     app.state.settings = settings
     app.state.engine = engine
@@ -87,5 +88,6 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
         v1.include_router(module.router)
     app.include_router(v1)
     install_dashboard(app)  # /dashboard/ pages + its cookie session as a second auth source
+    install_docs(app)  # /docs: Swagger UI served from an installed package (no CDN), JobCreate in the spec
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
     return app

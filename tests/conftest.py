@@ -159,7 +159,6 @@ def user_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     `$QT_TEST_GATE_TIMEOUT` s, default 600: then it raises)."""
     root = user_package(tmp_path / "usercode", "qt_usercode", '''
         import os, time
-        from pathlib import Path
         from tuner.examples import digits
 
         def slow(model):
@@ -167,19 +166,9 @@ def user_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             return digits.evaluate(model)
 
         def gated(model):
-            gate = Path(os.environ["QT_TEST_GATE"])
-            call = 1
-            while True:  # the first number whose `.started` file this call creates (atomically)
-                try:
-                    os.close(os.open(gate / f"call-{call}.started", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                    break
-                except FileExistsError:
-                    call += 1
-            deadline = time.monotonic() + float(os.environ.get("QT_TEST_GATE_TIMEOUT", "600"))
-            while not ((gate / f"call-{call}.go").exists() or (gate / "open").exists()):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"evaluation call {call} was never let through {gate}")
-                time.sleep(0.05)
+            from tests.support import pass_gate
+
+            pass_gate(os.environ["QT_TEST_GATE"])
             return digits.evaluate(model)
 
         def broken(model):

@@ -157,6 +157,53 @@ def submit(client: httpx.Client, spec: dict) -> int:
     return response.json()["id"]
 
 
+class Gate:
+    """The test's side of a gated evaluation (`pass_gate`) for one directory: each call k writes
+    `call-<k>.started` in `directory` and blocks until the test writes `call-<k>.go` (or `open`).
+    Waiting on these files, never on the clock, makes a test independent of the machine's speed."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"QT_TEST_GATE": str(self.directory)}
+
+    def started(self, call: int) -> bool:
+        return (self.directory / f"call-{call}.started").exists()
+
+    def release(self, call: int) -> None:
+        (self.directory / f"call-{call}.go").touch()
+
+    def open(self) -> None:
+        (self.directory / "open").touch()
+
+    def state(self) -> str:
+        return f"{self.directory.name}: {sorted(p.name for p in self.directory.iterdir())}"
+
+
+def pass_gate(directory: str | Path, timeout: float | None = None) -> int:
+    """The evaluation's side of `Gate`: take the next call number k in `directory` (atomically, so
+    calls from several processes count alike), create `call-<k>.started`, wait for `call-<k>.go`
+    or `open` (at most `timeout` s, default `$QT_TEST_GATE_TIMEOUT` or 600: then raise); k."""
+    gate = Path(directory)
+    call = 1
+    while True:  # the first number whose `.started` file this call creates
+        try:
+            os.close(os.open(gate / f"call-{call}.started", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            break
+        except FileExistsError:
+            call += 1
+    limit = timeout if timeout is not None else float(os.environ.get("QT_TEST_GATE_TIMEOUT", "600"))
+    deadline = time.monotonic() + limit
+    while not ((gate / f"call-{call}.go").exists() or (gate / "open").exists()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"evaluation call {call} was never let through {gate}")
+        time.sleep(0.05)
+    return call
+
+
 class ServerProcess(EmbeddedServer):
     """`quanttune serve` as `quanttune demo` runs it (api.cli.embedded: SQLite and artifacts under
     `root`, a free port, `workers` workers, log in `root/serve.log`), with user code importable

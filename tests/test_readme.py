@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SECTIONS = ["## The quantization core (library)", "## Tuning: `tune`",
+SECTIONS = ["## The quantization core (library)", "## Tuning: `tune`", "### Your evaluation on the deployed model",
             "### What the runtime runs: BatchNorm folding and quantizer placement"]
 
 

@@ -9,15 +9,19 @@ The FP32 reference is the same model exported with an all-FP32 plan. Both files 
 ONNX Runtime's CPU provider, in turns on the same inputs (`tuner.onnx_runtime.latency`), with one
 intra-op thread and with ONNX Runtime's default (all cores), at batch size 1 and at the size of
 the first calibration batch. Each part that fails is recorded in `errors`, never raised: the
-check describes a result, it must not lose it.
+check describes a result, it must not lose it. That includes the user's evaluation run on the ONNX
+Runtime model (`evaluate_deployed`): an evaluation that only works on the PyTorch model records
+its error under "score" (the message says it ran on the ONNX Runtime model) and the search's result
+is kept.
 """
 
 from __future__ import annotations
 
+import math
 import pathlib
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -114,7 +118,8 @@ class Deployment:
         that ONNX Runtime runs in float (each with why)."""
         what = {"score": "the score", "kernels": "the INT8 kernels", "latency": "the latency"}
         messages = [f"the deployed check could not measure {what.get(part, part)} on ONNX Runtime: {error}"
-                    for part, error in self.errors.items()]
+                    if part != "export" else f"the INT8 model could not be exported to ONNX (no model.onnx; the "
+                    f"plan and report are kept): {error}" for part, error in self.errors.items()]
         floats = self.kernels.running_float if self.kernels else []
         if floats:
             named = "; ".join(f"{n} {self.kernels.layers[n].reason}" for n in floats[:5])
@@ -179,6 +184,31 @@ def first_samples(batch: Any, n: int) -> Any:
     if isinstance(batch, (tuple, list)):
         return type(batch)(take(v) for v in batch)
     return take(batch)
+
+
+def evaluate_deployed(evaluate: Callable[[nn.Module], Any],
+                      path: str | pathlib.Path) -> tuple[float | None, str | None, bool]:
+    """The user's `evaluate` on the ONNX file at `path`, run by ONNX Runtime (`load_onnx`): (score,
+    error, evaluated): the score, or None and why loading, the evaluation or its value failed;
+    `evaluated` says whether `evaluate` was called. Never raises an `Exception`: the search that
+    produced the file must survive its deployed check."""
+    from .onnx_runtime import load_onnx
+
+    try:
+        module = load_onnx(path)
+    except Exception as exc:  # noqa: BLE001
+        return None, f"ONNX Runtime could not load the exported INT8 model: {type(exc).__name__}: {exc}", False
+    try:
+        value = evaluate(module)
+        score = float(value)
+    except Exception as exc:  # noqa: BLE001 (the user's code on a model it may not expect)
+        return None, (f"the evaluation raised {type(exc).__name__} when run on the ONNX Runtime model (the exported "
+                      f"INT8 file wrapped by tuner.onnx_runtime.OnnxModule, not the PyTorch model)"
+                      + (f": {str(exc).strip()[:500]}" if str(exc).strip() else "")
+                      + "; the search result and model.onnx are kept"), True
+    if not math.isfinite(score):
+        return None, f"the evaluation returned {value!r} on the ONNX Runtime model, not a finite number", True
+    return score, None, True
 
 
 def measure_latency(fp32_path: str | pathlib.Path, int8_path: str | pathlib.Path, batch: Any, *,

@@ -15,6 +15,16 @@ class InvalidPlanError(InvalidArgumentError):
     """A plan is malformed or does not fit the model it is applied to."""
 
 
+class BatchMismatchError(InvalidArgumentError):
+    """A batch does not run through the model (shape, dtype or inputs): the data is at fault.
+    `batch` describes it (`input: float32[32, 5]`), `cause` is what running it raised."""
+
+    def __init__(self, what: str, batch: str, cause: str) -> None:
+        self.batch, self.cause = batch, cause
+        super().__init__(f"{what} ({batch}) does not fit the model: running it raised {cause}. Check its shape, "
+                         "dtype and input names against what the model's forward takes.")
+
+
 class CalibrationError(QuanttuneError):
     """The calibration data could not be run through the model."""
 

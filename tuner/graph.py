@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .batches import call_model
+from .export_errors import torch_output
 from .onnx_io import FlatModel, InputSpec
 
 
@@ -158,8 +159,7 @@ def read_graph(model: nn.Module, example: Any, layers: set[str]) -> ModelGraph |
     try:
         spec = InputSpec.from_batch(model, example)
         flat = FlatModel(model, spec)  # flat tensors in and out: any output structure exports
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
+        with torch_output(), torch.no_grad():  # what torch logs while failing: the warning below says it once
             program = torch.export.export(flat, tuple(spec.tensors_of(example)), strict=False)
     except Exception as exc:  # data-dependent control flow and the like
         try:

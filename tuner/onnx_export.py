@@ -48,7 +48,8 @@ from torch.nn import functional as F
 
 from .batches import batch_size, call_model
 from .calibrate import Calibration
-from .errors import ExportError, InvalidArgumentError, InvalidPlanError, QuanttuneError
+from .errors import ExportError, InvalidArgumentError, InvalidPlanError
+from .export_errors import export_failure, torch_output
 from .onnx_io import FlatModel, InputSpec, flatten_output
 from .plan import Plan
 from .qmodules import QuantizedLayer, apply_plan
@@ -242,7 +243,7 @@ def export_onnx(
 
     flat = FlatModel(exported, spec).eval()
     try:
-        with _quiet(), torch.no_grad():
+        with _quiet(), torch_output() as captured, torch.no_grad():
             program = torch.onnx.export(
                 flat,
                 tuple(tensors),
@@ -254,8 +255,9 @@ def export_onnx(
                 optimize=True,
                 verbose=False,
             )
-    except Exception as exc:  # torch.export or the ONNX translation: say so, keep the cause
-        raise ExportError(f"torch.onnx.export failed on {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # torch.export or the ONNX translation: one message, torch's output in a log file
+        raise ExportError("torch.onnx.export failed: " + export_failure(exc, model, captured.getvalue(),
+                                                                          factory_hint=False)) from exc
 
     proto = program.model_proto
     strip_exporter_metadata(proto, prefix="model.")

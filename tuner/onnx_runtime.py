@@ -6,6 +6,12 @@
 `load_onnx` returns an `nn.Module` whose forward takes the original model's positional and keyword
 inputs (torch tensors) and returns torch tensors in the original output structure (a tensor, a
 tuple, a dict or a Hugging Face ModelOutput). `latency` times any such callable on one batch.
+
+Evaluations written for PyTorch run on it unchanged: `next(model.parameters()).device` and
+`.dtype` (a zero-size CPU float32 placeholder parameter and buffer), `model.device`,
+`model.to(...)` / `.cpu()` / `.cuda()` / `.half()` (no-ops: ONNX Runtime runs on the CPU in the
+file's own types), `.eval()` / `.train(False)`, and calls under `torch.no_grad()` or
+`torch.inference_mode()`. Outputs come back on the device of the first input tensor.
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ class OnnxModule(nn.Module):
 
     def __init__(self, session: Any, metadata: dict[str, Any], path: pathlib.Path):
         super().__init__()
+        # what `next(model.parameters()).device` / `.dtype` and `model.buffers()` read: no weights
+        self.placeholder = nn.Parameter(torch.empty(0), requires_grad=False)
+        self.register_buffer("placeholder_buffer", torch.empty(0), persistent=False)
         self.session = session
         self.path = path
         self.metadata = metadata
@@ -53,6 +62,19 @@ class OnnxModule(nn.Module):
         inputs = {i.name: i for i in session.get_inputs()}
         self._dtypes = [_NUMPY_TYPES.get(inputs[name].type) for name in self.spec.tensors]
         self.eval()
+
+    @property
+    def device(self) -> torch.device:
+        """Where ONNX Runtime runs the model: the CPU."""
+        return self.placeholder.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.placeholder.dtype
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> OnnxModule:
+        """`.to()`, `.cpu()`, `.cuda()`, `.half()`, ... leave the session (and the placeholder) as they are."""
+        return self
 
     @property
     def layers(self) -> dict[str, dict[str, Any]]:
@@ -65,8 +87,11 @@ class OnnxModule(nn.Module):
         for name, value, dtype in zip(self.spec.tensors, values, self._dtypes):
             array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
             feed[name] = np.ascontiguousarray(array if dtype is None else array.astype(dtype, copy=False))
-        results = self.session.run(self._outputs, feed)
-        return rebuild_output(self._tree, [torch.from_numpy(np.asarray(r)) for r in results])
+        results = [torch.from_numpy(np.asarray(r)) for r in self.session.run(self._outputs, feed)]
+        device = next((v.device for v in values if isinstance(v, torch.Tensor)), None)
+        if device is not None and device.type != "cpu":  # where the evaluation keeps its labels
+            results = [r.to(device) for r in results]
+        return rebuild_output(self._tree, results)
 
     def extra_repr(self) -> str:
         return f"{self.path.name}, providers={self.session.get_providers()}"

@@ -29,6 +29,7 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 from .errors import InvalidArchiveError, InvalidArgumentError
+from .export_errors import check_batch, export_failure, torch_output
 from .pt2_check import check_archive
 from .pt2_layers import materialize_layers
 
@@ -45,6 +46,10 @@ def export_model(model: nn.Module, example_batch: Any, path: str | Path, *, dyna
     sequence dimension (dim 1) of integer token inputs such as `input_ids`/`attention_mask`. When
     the model does not export that way the next more static variant is tried (batch only, then fully
     static) and a warning says so: the archive then only accepts those exact shapes.
+
+    The batch is first run eagerly: one that does not fit the model raises `BatchMismatchError`
+    (the data is at fault). An export that fails raises `InvalidArgumentError` with one message (the
+    cause, where in the model's code, what to do); torch's own output is captured, not printed.
     """
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}.")
@@ -64,16 +69,18 @@ def export_model(model: nn.Module, example_batch: Any, path: str | Path, *, dyna
     model.eval()
     failures: list[str] = []
     try:
+        check_batch(model, args, kwargs, "the example batch")
         for how, shapes in attempts:
             # fresh tensor objects each time: export marks the ones it is given as dynamic
             fresh_args, fresh_kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (args, kwargs))
             try:
-                program = torch.export.export(model, fresh_args, fresh_kwargs, dynamic_shapes=shapes)
+                with torch_output() as captured:
+                    program = torch.export.export(model, fresh_args, fresh_kwargs, dynamic_shapes=shapes)
                 break
             except Exception as error:  # torch raises many unrelated types here
-                reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
                 if shapes is None:
-                    raise InvalidArgumentError(f"torch.export could not export the model: {reason}") from error
+                    raise InvalidArgumentError(export_failure(error, model, captured.getvalue())) from None
+                reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
                 failures.append(f"with {how}: {reason}")
     finally:
         model.train(was_training)

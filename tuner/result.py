@@ -81,6 +81,8 @@ class TuneResult:
         if self.onnx is not None:  # the very file verified on ONNX Runtime: no second export
             paths["model.onnx"] = directory / "model.onnx"
             paths["model.onnx"].write_bytes(self.onnx)
+        elif self.deployment is not None and "export" in self.deployment.errors:
+            pass  # the export failed in the deployed check (the reason is in the report): no model.onnx
         else:
             paths["model.onnx"] = self.export_onnx(directory / "model.onnx")
         return paths
@@ -121,20 +123,19 @@ def verify(result: TuneResult, evaluate, budget: Budget, report: LayerReport, to
     what ONNX Runtime runs and how fast against FP32 (`result.deployment`)."""
     import tempfile
 
-    from .deployment import check_deployment
-    from .onnx_runtime import load_onnx
+    from .deployment import Deployment, check_deployment, evaluate_deployed
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = result.export_onnx(Path(tmp) / "model.onnx")
+        try:  # the search's result must survive whatever the export, ONNX Runtime or the evaluation does here
+            path = result.export_onnx(Path(tmp) / "model.onnx")
+        except Exception as exc:  # noqa: BLE001 (recorded: save() then writes no model.onnx)
+            result.deployment = Deployment(errors={"export": f"{type(exc).__name__}: {exc}"})
+            _judge_deployment(result, log)
+            return
         if not path.with_name(path.name + ".data").exists():  # a single file (under 2 GB): keep it for `save`
             result.onnx = path.read_bytes()
-        deployed, error = None, None
-        try:  # the search's result must survive whatever ONNX Runtime or the evaluation does here
-            module = load_onnx(path)
-            result.evaluations += 1
-            deployed = float(evaluate(module))
-        except Exception as exc:  # noqa: BLE001
-            error = f"{type(exc).__name__}: {exc}"
+        deployed, error, evaluated = evaluate_deployed(evaluate, path)
+        result.evaluations += evaluated
         result.deployment = check_deployment(result.original, result.plan, result.calibration, path,
                                              latency_runs=latency_runs)
     if error is not None:

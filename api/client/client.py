@@ -180,13 +180,14 @@ def _calibration(spec: dict[str, Any], files: Files, calibration: Any) -> tuple[
 
 def _model(spec: dict[str, Any], files: Files, model: Any, example: Any, named: dict[str, Any] | None) -> None:
     if is_module(model):
+        source = "example"
         if example is None and "calibration_file" in files:
             tensors = named if named is not None else load_tensor_file(files["calibration_file"][1])
-            example = first_batch(tensors, spec["batch_size"])
+            example, source = first_batch(tensors, spec["batch_size"]), "calibration"
         if example is None:
             raise ClientArgumentError("`example` (one input batch) is needed to export the model when the "
                                       "calibration is a reference.")
-        files["model_file"] = export_part(model, example)
+        files["model_file"] = export_part(model, example, source)
     elif is_reference(model):
         spec["model"] = model
     elif isinstance(model, (str, Path)):

@@ -186,14 +186,21 @@ def weights_part(weights: Any) -> tuple[str, bytes]:
     return "weights.safetensors", safetensors_bytes(dict(weights))
 
 
-def export_part(model: Any, example: Any) -> tuple[str, bytes]:
-    """The `.pt2` upload of an nn.Module, exported on `example` (one batch)."""
+def export_part(model: Any, example: Any, source: str = "example") -> tuple[str, bytes]:
+    """The `.pt2` upload of an nn.Module, exported on `example` (one batch, taken from the
+    `source` argument: "example" or "calibration", which a batch that does not fit is blamed on)."""
     from tuner import QuanttuneError
+    from tuner.errors import BatchMismatchError
     from tuner.pt2_archive import export_model
 
     with tempfile.TemporaryDirectory(prefix="quanttune-export-") as tmp:
         try:
             path = export_model(model, example, Path(tmp) / "model.pt2")
+        except BatchMismatchError as exc:
+            batch = "the first calibration batch" if source == "calibration" else "the example batch"
+            raise ClientArgumentError(
+                f"`{source}`: the data does not fit the model: {batch} ({exc.batch}) raised {exc.cause}. Check the "
+                f"{source} data's shape, dtype and input names (the model was not exported or sent).") from None
         except QuanttuneError as exc:
-            raise ClientArgumentError(f"`model`: {exc}") from exc
+            raise ClientArgumentError(f"`model`: {exc}") from None
         return "model.pt2", path.read_bytes()

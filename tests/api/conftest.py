@@ -4,7 +4,8 @@ only its own jobs.
 
 The server allows references in `tuner.examples` and `qt_clientcode`, a package of user code
 written here: `qt_clientcode.evals:slow` (digits.evaluate after a sleep, to have a job to cancel
-while it runs).
+while it runs) and `qt_clientcode.evals:torch_only` (written for PyTorch: it raises on the ONNX
+Runtime model of the deployed check).
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ def running_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
 
         def slow(model):
             time.sleep(1.0)
+            return digits.evaluate(model)
+
+        def torch_only(model):
+            device = next(model.parameters()).device
+            if not any(p.numel() for p in model.parameters()):  # the ONNX Runtime model has no weights
+                raise TypeError(f"expected a PyTorch model with weights on {device}")
             return digits.evaluate(model)
     ''')
     with ServerProcess(root, allowed=["qt_clientcode"], importable=[usercode]) as server:

@@ -230,13 +230,73 @@ def test_a_failing_deployed_evaluation_is_recorded_and_the_result_survives(digit
             raise RuntimeError("this evaluation cannot run the ONNX model")
         return digits.evaluate(model)
 
-    with pytest.warns(UserWarning, match="could not measure the score on ONNX Runtime: RuntimeError: this evaluation"):
+    with pytest.warns(UserWarning, match="could not measure the score on ONNX Runtime: the evaluation raised RuntimeError"):
         result = tune(digits_model, digits_batches, evaluate, verbose=False, latency_runs=1)
     assert result.met and result.deployed_score is None and result.evaluations == 3
-    assert result.deployment.errors == {"score": "RuntimeError: this evaluation cannot run the ONNX model"}
+    assert result.deployment.errors == {"score": (
+        "the evaluation raised RuntimeError when run on the ONNX Runtime model (the exported INT8 file wrapped by "
+        "tuner.onnx_runtime.OnnxModule, not the PyTorch model): this evaluation cannot run the ONNX model; "
+        "the search result and model.onnx are kept")}
     assert result.deployment.kernels.running_int8 == result.int8_layers  # the rest of the check still ran
     assert result.deployment.latency is not None
     assert any("could not measure the score" in w for w in result.warnings)
+
+
+def test_an_evaluation_written_for_pytorch_runs_on_the_onnx_model(digits_files):
+    """The idioms of PyTorch evaluations: the device of the first parameter, .to(device), .eval(),
+    inference mode; the ONNX Runtime model runs them as they are."""
+    from tuner.onnx_runtime import load_onnx
+
+    _, _, int8, _ = digits_files
+    _, _, images, labels = digits._splits()
+
+    def pytorch_style(model):
+        device = next(model.parameters()).device
+        dtype = next(model.buffers()).dtype
+        model = model.to(device).eval()
+        model.train(False)
+        with torch.inference_mode():
+            logits = model(images.to(device, dtype))
+        return 100.0 * (logits.argmax(1) == labels.to(device)).float().mean().item()
+
+    deployed = load_onnx(int8)
+    assert deployed.device == torch.device("cpu") and deployed.dtype == torch.float32
+    assert [p.numel() for p in deployed.parameters()] == [0] and [b.numel() for b in deployed.buffers()] == [0]
+    assert deployed.cpu().half().to("cpu", torch.float64) is deployed and next(deployed.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        no_grad = deployed(images[:8])
+    torch.testing.assert_close(no_grad, deployed(images[:8]))
+    assert pytorch_style(deployed) == pytest.approx(digits.evaluate(deployed))
+
+
+def test_tune_with_a_pytorch_style_evaluation_measures_the_deployed_score(digits_model, digits_batches):
+    def evaluate(model):
+        device = next(model.parameters()).device  # raised StopIteration on the ONNX model before
+        model.to(device).eval()
+        with torch.no_grad():
+            return digits.evaluate(model)
+
+    result = tune(digits_model, digits_batches, evaluate, verbose=False, latency_runs=0, max_trials=2)
+    assert result.deployment.errors == {} and result.deployed_score is not None
+    assert result.deployed_score == pytest.approx(result.score, abs=1.0)
+
+
+def test_an_export_failing_in_the_deployed_check_keeps_the_search(digits_model, digits_batches, tmp_path,
+                                                                   monkeypatch):
+    from tuner import ExportError, TuneResult
+
+    def broken_export(self, path):
+        raise ExportError("torch.onnx.export failed on DigitsCNN: RuntimeError: unsupported op")
+
+    monkeypatch.setattr(TuneResult, "export_onnx", broken_export)
+    with pytest.warns(UserWarning, match="the INT8 model could not be exported to ONNX"):
+        result = tune(digits_model, digits_batches, digits.evaluate, verbose=False, latency_runs=0, max_trials=2)
+    assert result.met and result.deployed_score is None and result.onnx is None
+    assert result.deployment.errors == {"export": "ExportError: torch.onnx.export failed on DigitsCNN: RuntimeError: "
+                                                  "unsupported op"}
+    saved = result.save(tmp_path / "out")
+    assert sorted(saved) == ["plan.json", "report.json"]
+    assert json.loads(saved["report.json"].read_text())["deployment"]["errors"] == result.deployment.errors
 
 
 def test_tune_without_latency_runs_checks_kernels_only(digits_model, digits_batches):

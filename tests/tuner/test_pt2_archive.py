@@ -199,6 +199,41 @@ def test_export_model_rejects_what_it_cannot_save(tmp_path):
         export_model(lambda x: x, torch.randn(4, 8), tmp_path / "model.pt2")
 
 
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on data: torch.export cannot trace it
+            return self.a(x)
+        return self.b(x)
+
+
+def test_an_export_failure_is_one_message_with_the_cause_and_what_to_do(tmp_path, capfd):
+    with pytest.raises(InvalidArgumentError) as raised:
+        export_model(_Branchy(), torch.randn(4, 8), tmp_path / "branchy.pt2")
+    message = str(raised.value)
+    assert message.startswith("torch.export could not trace _Branchy: its forward takes a Python branch on the "
+                              "values of a tensor (control flow on data) at ")
+    assert f"{__file__}:" in message and "`if x.sum() > 0:" in message
+    assert "torch.cond" in message and "factory reference 'package.module:build_model'" in message
+    log = Path(message.rsplit("torch's full output: ", 1)[1])
+    assert "GuardOnDataDependentSymNode" in log.read_text()  # torch's noise is kept there ...
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""  # ... and not printed
+
+
+def test_a_batch_that_does_not_fit_is_blamed_on_the_data_not_the_model(tmp_path, capfd):
+    from tuner.errors import BatchMismatchError
+
+    with pytest.raises(BatchMismatchError) as raised:
+        export_model(nn.Sequential(nn.Linear(8, 4)), torch.randn(4, 5), tmp_path / "model.pt2")
+    assert str(raised.value).startswith("the example batch (input: float32[4, 5]) does not fit the model: running it "
+                                        "raised RuntimeError: mat1 and mat2 shapes cannot be multiplied")
+    assert isinstance(raised.value, InvalidArgumentError) and not (tmp_path / "model.pt2").exists()
+    assert capfd.readouterr().err == ""
+
 
 # -- refused files ---------------------------------------------------------------------------------
 

@@ -85,6 +85,38 @@
     return el("span", { class: "badge status-" + status, text: status });
   }
 
+  // the job's outcome: "met", "not-met" (succeeded without meeting the budget), "failed", or null
+  // (still running, cancelled). From `met` of the job (the report's `met`), derived here.
+  function outcome(job) {
+    if (job.status === "failed") return "failed";
+    if (job.status !== "succeeded") return null;
+    return job.met === false ? "not-met" : "met";
+  }
+
+  function outcomeBadge(job) {
+    return outcome(job) === "not-met"
+      ? el("span", { class: "badge outcome-not-met", title: "the job finished, but no plan met the accuracy budget" }, "budget not met")
+      : null;
+  }
+
+  // what a running job does before its first trial: the ledger's baseline is set once the FP32
+  // baseline is evaluated, its layers once calibration and the per-layer error report are done
+  function phaseOf(job, ledger, trials) {
+    if (job.status === "queued") return "Queued: waiting for a worker";
+    if (job.status !== "running" || !ledger) return null;
+    if (!isNum(ledger.baseline)) return "Evaluating the FP32 baseline";
+    if (!(ledger.layers || []).length) return "Calibrating and measuring per-layer errors";
+    if (!(trials || []).length && !job.progress.trials) return "Searching: first trial";
+    return "Searching";
+  }
+
+  // the deployed INT8 model's median latency (ms) on ONNX Runtime, 1 thread
+  function latencyRow(d, batch) {
+    const rows = (d && d.latency) || [];
+    return rows.find((r) => r.batch === (batch === undefined ? d.calibration_batch : batch) && r.threads === 1) || null;
+  }
+  const fmtMs = (ms) => (isNum(ms) ? (ms < 1 ? Number(ms.toPrecision(2)).toString() : ms.toFixed(ms < 10 ? 2 : 1)) + " ms" : "–");
+
   function dropCell(job, drop) {
     if (!isNum(drop)) return el("span", { class: "muted", text: "–" });
     const ok = metBudget(job, drop);
@@ -98,20 +130,24 @@
     const tbody = document.querySelector("#jobs tbody");
     let timer = null;
 
-    function row(job) {
+    function row(job, ledger) {
       const p = job.progress;
       const done = job.status === "succeeded";
       const score = done ? job.score : p.best_score;
       const drop = done ? job.drop : p.best_drop;
       const coverage = done ? job.coverage : p.best_coverage;
-      const progress = el("td", {}, p.trials + (job.max_trials ? " / " + job.max_trials : "") + " trials");
+      const phase = !p.trials ? phaseOf(job, ledger, null) : null;
+      const progress = el("td", {}, phase ? el("span", { class: "phase" }, phase + "…")
+        : p.trials + (job.max_trials ? " / " + job.max_trials : "") + " trials");
       if (job.max_trials && ACTIVE.has(job.status)) {
         const share = Math.min(1, p.trials / job.max_trials);
         progress.append(el("div", { class: "bar" }, el("span", { style: "width:" + (100 * share).toFixed(0) + "%" })));
       }
-      return el("tr", { "data-job-id": job.id, "data-status": job.status },
+      const latency = latencyRow(job.deployment, 1);
+      return el("tr", { "data-job-id": job.id, "data-status": job.status, "data-outcome": outcome(job),
+                        class: outcome(job) ? "outcome-" + outcome(job) : null },
         el("td", {}, el("a", { href: "/dashboard/jobs/" + job.id, class: "job-link" }, "#" + job.id + " " + job.name)),
-        el("td", {}, badge(job.status)),
+        el("td", {}, badge(job.status), outcomeBadge(job) ? " " : null, outcomeBadge(job)),
         progress,
         el("td", { class: "num" }, fmtNum(job.baseline)),
         el("td", { class: "num" }, fmtNum(score)),
@@ -119,7 +155,15 @@
         el("td", { class: "num" }, fmtPct(coverage)),
         el("td", { class: "num" }, String(p.evaluations)),
         el("td", { class: "num" }, String(job.workers)),
+        el("td", { class: "num latency", title: "INT8 on ONNX Runtime, batch 1, 1 thread" }, latency ? fmtMs(latency.int8_ms) : "–"),
         el("td", { title: job.created_at }, fmtAge(job.created_at)));
+    }
+
+    // the ledger of running jobs that have no trial yet: it tells their phase
+    async function ledgers(jobs) {
+      const starting = jobs.filter((job) => job.status === "running" && !job.progress.trials);
+      const found = await Promise.all(starting.map((job) => api("/jobs/" + job.id + "/ledger").catch(() => null)));
+      return new Map(starting.map((job, i) => [job.id, found[i]]));
     }
 
     async function refresh() {
@@ -129,9 +173,10 @@
         const status = filter.value;
         const page = await api("/jobs?limit=200" + (status ? "&status=" + encodeURIComponent(status) : ""));
         active = page.data.some((job) => ACTIVE.has(job.status));
-        const rows = page.data.map(row);
-        if (!rows.length) rows.push(el("tr", { class: "empty" }, el("td", { colspan: 10 }, status ? "No " + status + " jobs." : "No jobs yet.")));
-        if (page.count > page.data.length) rows.push(el("tr", { class: "empty" }, el("td", { colspan: 10 }, "Showing the newest " + page.data.length + " of " + page.count + " jobs.")));
+        const phases = await ledgers(page.data);
+        const rows = page.data.map((job) => row(job, phases.get(job.id)));
+        if (!rows.length) rows.push(el("tr", { class: "empty" }, el("td", { colspan: 11 }, status ? "No " + status + " jobs." : "No jobs yet.")));
+        if (page.count > page.data.length) rows.push(el("tr", { class: "empty" }, el("td", { colspan: 11 }, "Showing the newest " + page.data.length + " of " + page.count + " jobs.")));
         tbody.replaceChildren(...rows);
         message(null);
         stamp(active);
@@ -185,6 +230,14 @@
       const status = document.getElementById("job-status");
       status.textContent = job.status;
       status.className = "badge status-" + job.status;
+      document.getElementById("job-outcome").hidden = outcome(job) !== "not-met";
+      document.body.dataset.outcome = outcome(job) || "";
+      const phase = phaseOf(job, ledger, trials);
+      const phaseNode = document.getElementById("job-phase");
+      phaseNode.hidden = !phase;
+      phaseNode.textContent = phase ? phase + "…" : "";
+      // while the job starts, a card with nothing to show yet says what is running instead of a dash
+      const pending = (value) => (value === "–" && phase && !trials.length ? el("span", { class: "phase" }, phase + "…") : value);
       document.getElementById("cancel-button").hidden = !ACTIVE.has(job.status);
       const reason = document.getElementById("job-reason");
       const why = job.error || job.reason;
@@ -194,21 +247,28 @@
       const done = job.status === "succeeded";
       const p = job.progress;
       const drop = done ? job.drop : p.best_drop;
+      const baseline = isNum(job.baseline) ? job.baseline : ledger.baseline;
+      const latency = latencyRow(job.deployment), latency1 = latencyRow(job.deployment, 1);
+      const scoreError = ((job.deployment || {}).errors || {}).score;
       const cards = [
-        ["Baseline (FP32)", fmtNum(job.baseline), job.higher_is_better ? "higher is better" : "lower is better"],
-        [done ? "Score (INT8 plan)" : "Best score so far", fmtNum(done ? job.score : p.best_score), null],
+        ["Baseline (FP32)", pending(fmtNum(baseline)), job.higher_is_better ? "higher is better" : "lower is better"],
+        [done ? "Score (INT8 plan)" : "Best score so far", pending(fmtNum(done ? job.score : p.best_score)), null],
         ["Drop vs budget", el("span", { class: isNum(drop) ? (metBudget(job, drop) ? "ok" : "miss") : "muted" }, fmtDrop(job, drop)),
           (isNum(drop) ? (metBudget(job, drop) ? "within" : "over") + " the " : "") + (job.relative ? "relative" : "absolute") +
           " budget " + fmtDrop(job, job.max_drop)],
         ["INT8 coverage", fmtPct(done ? job.coverage : p.best_coverage), "share of MACs"],
         ["Trials", p.trials + (job.max_trials ? " / " + job.max_trials : ""), job.workers + " worker(s) now"],
         ["Evaluations", String(p.evaluations), "calls of the evaluation"],
-        ["Deployed score", fmtNum(job.deployed_score), "ONNX Runtime, INT8"],
+        ["Deployed score", scoreError && !isNum(job.deployed_score) ? el("span", { class: "miss", title: scoreError }, "not measured")
+          : fmtNum(job.deployed_score), scoreError && !isNum(job.deployed_score) ? scoreError : "ONNX Runtime, INT8"],
+        ["Deployed latency", latency1 ? fmtMs(latency1.int8_ms) : "–", latency1 ? "INT8 on ONNX Runtime, batch 1, 1 thread" +
+          (latency && latency !== latency1 ? "; batch " + latency.batch + ": " + fmtMs(latency.int8_ms) : "") +
+          " (FP32 " + fmtMs(latency1.fp32_ms) + ")" : "INT8 on ONNX Runtime"],
         ["INT8 speed-up", speedupValue(job.deployment), speedupSub(job.deployment)],
         ["Age", fmtAge(job.created_at), job.finished_at ? "finished " + fmtAge(job.finished_at) : job.started_at ? "started " + fmtAge(job.started_at) : "not started"],
       ];
       document.getElementById("summary").replaceChildren(...cards.map(([label, value, sub]) =>
-        el("div", { class: "stat" }, el("div", { class: "label", text: label }), el("div", { class: "value" }, value),
+        el("div", { class: "stat", "data-card": label }, el("div", { class: "label", text: label }), el("div", { class: "value" }, value),
           sub ? el("div", { class: "sub", text: sub }) : null)));
     }
 
@@ -248,10 +308,7 @@
     }
 
     // what ONNX Runtime runs (INT8 kernels per planned INT8 layer) and how fast against FP32
-    function speedupRow(d, batch) {
-      const rows = (d && d.latency) || [];
-      return rows.find((r) => r.batch === (batch === undefined ? d.calibration_batch : batch) && r.threads === 1) || null;
-    }
+    const speedupRow = latencyRow;
 
     function speedupValue(d) {
       const row = speedupRow(d);
@@ -400,27 +457,41 @@
       return front.reverse();
     }
 
+    // the drop axis spans the budget: from below 0 to 3x the budget (a 1% budget is never flat on a
+    // 0-60% axis); a drop above the top is drawn on the top edge as a triangle, its value in the hover
+    function dropRange(budget, drops) {
+      if (!(budget > 0)) return null;
+      const low = Math.min(0, ...drops);
+      return [Math.max(low, -budget) - 0.15 * budget, 3 * budget];
+    }
+
     function plotDrop() {
       const k = scale(job);
       const points = trials.filter((t) => isNum(t.drop) && isNum(t.coverage));
       const best = bestTrial();
       const front = frontier(points);
+      const range = dropRange(k * job.max_drop, points.map((t) => k * t.drop));
+      const clip = (y) => (range ? Math.min(Math.max(y, range[0]), range[1]) : y);
+      const off = (y) => range && (y > range[1] || y < range[0]);
       const trace = {
         type: "scatter", mode: "markers", name: "trials",
-        x: points.map((t) => 100 * t.coverage), y: points.map((t) => k * t.drop),
+        x: points.map((t) => 100 * t.coverage), y: points.map((t) => clip(k * t.drop)),
+        customdata: points.map((t) => k * t.drop),
         text: points.map((t) => "trial " + t.number + "<br>" + (t.summary || "")),
         marker: { size: 9, color: points.map((t) => (metBudget(job, t.drop) ? COLORS.good : COLORS.bad)), opacity: 0.85,
+          symbol: points.map((t) => (off(k * t.drop) ? (k * t.drop > 0 ? "triangle-up" : "triangle-down") : "circle")),
           line: { color: "#111", width: points.map((t) => (t.number === best ? 2.5 : 0)) } },
-        hovertemplate: "%{text}<br>INT8 %{x:.1f}% of MACs<br>drop %{y:.3g}" + (job.relative ? "%" : "") + "<extra></extra>",
+        hovertemplate: "%{text}<br>INT8 %{x:.1f}% of MACs<br>drop %{customdata:.3g}" + (job.relative ? "%" : "") + "<extra></extra>",
       };
       const line = {
         type: "scatter", mode: "lines", name: "frontier", hoverinfo: "skip",
-        x: front.map((t) => 100 * t.coverage), y: front.map((t) => k * t.drop),
+        x: front.map((t) => 100 * t.coverage), y: front.map((t) => clip(k * t.drop)),
         line: { color: COLORS.accent, width: 1.5, shape: "vh" },
       };
       const layout = layoutBase();
       layout.xaxis = { title: { text: "INT8 coverage (% of MACs)" }, range: [-4, 104] };
-      layout.yaxis = { title: { text: "drop" + (job.relative ? " (%)" : "") }, rangemode: "tozero" };
+      layout.yaxis = range ? { title: { text: "drop" + (job.relative ? " (%)" : "") + ", zoomed on the budget" }, range }
+        : { title: { text: "drop" + (job.relative ? " (%)" : "") }, rangemode: "tozero" };
       layout.shapes = [lineShape(k * job.max_drop, COLORS.bad, "dot")];
       layout.annotations = [label(k * job.max_drop, "budget " + fmtDrop(job, job.max_drop), COLORS.bad, false)];
       Plotly.react("plot-drop", [line, trace], layout, PLOT_CONFIG);
@@ -438,21 +509,25 @@
         const d = data[name].decision || "";
         return d.startsWith("int8 ") ? d.slice(5) : null;
       };
-      const traces = settings.map((setting) => {
-        const xs = layers.filter((name) => isNum(data[name].sqnr_db[setting]));
-        return {
-          type: "bar", name: setting, x: xs, y: xs.map((name) => data[name].sqnr_db[setting]),
-          marker: { line: { color: "#111", width: xs.map((name) => (chosen(name) === setting ? 2 : 0)) } },
-          hovertemplate: "%{x}<br>" + setting + "<br>SQNR %{y:.1f} dB<extra></extra>",
-        };
-      });
+      // one row per layer, one column per INT8 setting; the chosen plan's setting of each layer outlined
+      const z = layers.map((name) => settings.map((s) => (isNum(data[name].sqnr_db[s]) ? data[name].sqnr_db[s] : null)));
+      const heat = {
+        type: "heatmap", name: "SQNR", x: settings, y: layers, z, colorscale: "Viridis", xgap: 1, ygap: 1,
+        colorbar: { title: { text: "dB", side: "right" }, thickness: 12 }, hoverongaps: false,
+        hovertemplate: "%{y}<br>%{x}<br>SQNR %{z:.1f} dB<extra></extra>",
+      };
+      const picked = layers.filter((name) => settings.includes(chosen(name)));
+      const marks = {
+        type: "scatter", mode: "markers", name: "chosen", x: picked.map(chosen), y: picked, hoverinfo: "skip",
+        marker: { symbol: "square-open", size: 16, color: "#e8175d", line: { width: 2.5 } },
+      };
+      const traces = [heat, marks];
       const layout = layoutBase();
-      layout.barmode = "group";
-      layout.showlegend = true;
-      layout.legend = { orientation: "h", x: 0, y: 1.02, yanchor: "bottom", font: { size: 10 } };
-      layout.margin.t = 40;
-      layout.xaxis = { title: { text: "layer (outlined: the setting of the chosen plan)" }, type: "category" };
-      layout.yaxis = { title: { text: "output SQNR (dB)" } };
+      layout.margin = { l: 110, r: 10, t: 10, b: 150 };
+      layout.xaxis = { title: { text: "INT8 setting (framed: the chosen plan's setting of the layer)" }, type: "category",
+        tickangle: -35, automargin: true };
+      layout.yaxis = { type: "category", autorange: "reversed", automargin: true };
+      document.getElementById("plot-sqnr").style.height = Math.max(260, 40 + 26 * layers.length + 150) + "px";
       Plotly.react("plot-sqnr", traces, layout, PLOT_CONFIG);
     }
 

@@ -131,6 +131,24 @@ def test_builtin_top1_evaluator_with_uploaded_tensors(client: Client) -> None:
     assert info.baseline == pytest.approx(digits.evaluate(digits.build_model()), abs=1e-5)
 
 
+def test_an_evaluation_failing_on_the_onnx_model_keeps_the_finished_search(client: Client, token: str) -> None:
+    job = client.submit("tuner.examples.digits:build_model", "tuner.examples.digits:calibration_data",
+                        "qt_clientcode.evals:torch_only", max_trials=2, name="torch-only evaluation")
+    info = job.wait(progress=False, timeout=300, poll=0.5)
+    assert info.status == "succeeded" and info.met and info.error is None and info.deployed_score is None
+    assert sorted(info.artifacts) == ["model.onnx", "plan.json", "report.json"]
+    error = info.deployment.errors["score"]
+    assert error.startswith("the evaluation raised TypeError when run on the ONNX Runtime model") and "cpu" in error
+    assert job.report()["deployment"]["errors"]["score"] == error
+    from typer.testing import CliRunner
+
+    from api.cli import app
+
+    shown = CliRunner().invoke(app, ["status", str(info.id)], env={"QUANTTUNE_URL": client.url, "COLUMNS": "400",
+                                                                   "QUANTTUNE_TOKEN": token})
+    assert shown.exit_code == 0 and "not measured (score): the evaluation raised TypeError" in shown.output
+
+
 def test_cancel_a_running_job(client: Client, tmp_path: Path, wait_until) -> None:  # noqa: ANN001
     job = client.submit("tuner.examples.digits:build_model", "tuner.examples.digits:calibration_data",
                         "qt_clientcode.evals:slow", space=NAIVE, max_trials=40, name="to cancel")
@@ -205,6 +223,29 @@ class FlakyTransport(httpx.HTTPTransport):
         if self.calls <= self.failures:
             raise self.error("simulated network failure", request=request)
         return super().handle_request(request)
+
+
+def test_export_failures_say_the_cause_once_and_blame_wrong_shaped_calibration(capfd) -> None:  # noqa: ANN001
+    class Branchy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return self.fc(x.flatten(1)) if x.mean() > 0 else -self.fc(x.flatten(1))
+
+    unused = Client("http://127.0.0.1:9", "qt_unused")  # both fail before anything is sent
+    with pytest.raises(ClientArgumentError) as raised:
+        unused.submit(digits.build_model(), torch.randn(64, 1, 5, 5), "tuner.examples.digits:evaluate")
+    assert str(raised.value).startswith("`calibration`: the data does not fit the model: the first calibration batch "
+                                        "(input: float32[32, 1, 5, 5]) raised RuntimeError: ")
+    assert "the model was not exported or sent" in str(raised.value)
+    with pytest.raises(ClientArgumentError) as raised:
+        unused.submit(Branchy(), torch.randn(64, 1, 8, 8), "tuner.examples.digits:evaluate")
+    message = str(raised.value)
+    assert message.startswith("`model`: torch.export could not trace Branchy: its forward takes a Python branch")
+    assert "torch.cond" in message and "factory reference" in message and message.count("\n") == 0
+    assert capfd.readouterr().err == ""
 
 
 def test_connection_failures_are_retried_then_reported(running_server, token: str) -> None:  # noqa: ANN001

@@ -66,6 +66,34 @@ def test_health_needs_no_token_and_everything_else_does(service: TestClient) -> 
     assert "/v1/jobs/{job_id}/trials" in service.get("/openapi.json").json()["paths"]
 
 
+@pytest.mark.parametrize("migrated_db", ["sqlite"], indirect=True)
+def test_docs_work_offline_and_the_spec_publishes_job_create(service: TestClient) -> None:
+    import re
+
+    page = service.get("/docs")
+    assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+    urls = re.findall(r'(?:src|href)="([^"]+)"', page.text) + re.findall(r"url: '([^']+)'", page.text)
+    assert urls and all(u.startswith("/") and not u.startswith("//") for u in urls), urls  # no CDN
+    for url in urls:
+        assert service.get(url).status_code == 200, url
+    bundle = service.get("/docs/static/swagger-ui-bundle.js")
+    assert bundle.headers["content-type"].startswith("text/javascript") and len(bundle.content) > 500_000
+    assert b"isOAS31" in bundle.content  # Swagger UI 5: renders the OpenAPI 3.1 document FastAPI writes
+    assert service.get("/docs/static/app.py").status_code == 404 and service.get("/redoc").status_code == 404
+
+    spec = service.get("/openapi.json").json()
+    job_create = spec["components"]["schemas"]["JobCreate"]
+    assert {"model", "calibration", "evaluate", "evaluator", "max_drop", "max_trials", "space"} <= set(job_create["properties"])
+    assert "max_drop" in job_create["properties"] and job_create["additionalProperties"] is False
+    assert "description" in job_create["properties"]["max_drop"]
+    body = spec["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    form = spec["components"]["schemas"][body["schema"]["$ref"].rsplit("/", 1)[1]]
+    assert form["properties"]["spec"]["contentSchema"] == {"$ref": "#/components/schemas/JobCreate"}
+    assert body["encoding"]["spec"]["contentType"] == "application/json"
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(spec)))
+    assert refs <= set(spec["components"]["schemas"])  # every reference resolves
+
+
 def test_create_read_list_and_page_jobs(service: TestClient) -> None:
     created = []
     for i in range(3):

@@ -2,7 +2,11 @@
 digits job with a restricted space (so it needed several trials and fell some layers back), plain
 HTTP checks of the login/logout cookie session and ownership, and a headless Debian Chromium
 driven by Playwright that logs in, reads the pages, counts what the plots drew, and cancels a
-running job. Screenshots go to `test-artifacts/dashboard/`."""
+running job. Screenshots go to `test-artifacts/dashboard/`.
+
+Jobs that must be caught running are gated (`tests.support.Gate`): each evaluation waits for the
+test to let it through, so the tests wait on those handshakes, never on the machine's speed; their
+timeouts only guard against hangs."""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import ServerProcess, submit, user_package, wait_job
+from tests.support import Gate, ServerProcess, submit, user_package, wait_job
 
 pytestmark = pytest.mark.browser
 
@@ -38,6 +42,7 @@ class Server(ServerProcess):
     alice: str
     bob: str
     job: dict
+    gates: Path
 
     def client(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -48,18 +53,53 @@ class Server(ServerProcess):
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("dashboard")
     usercode = user_package(root / "usercode", "qt_dash_usercode", '''
-        import time
+        import os, time
+        from pathlib import Path
+        from torch import nn
+        from tests.support import pass_gate
         from tuner.examples import digits
 
-        calls = []
+        GATES = Path(os.environ["QT_TEST_GATES"])
 
-        def slow_and_never_enough(model):
-            """1.5 s per call; every candidate loses 5 points: no plan meets the budget, the job runs on."""
-            time.sleep(1.5)
-            calls.append(1)
-            return digits.evaluate(model) - (0.0 if len(calls) == 1 else 5.0)  # the first call is the baseline
+        def gated_never_enough(model):
+            """Each call waits at gates/live; every candidate loses 5 points: no plan meets the budget."""
+            call = pass_gate(GATES / "live")
+            return digits.evaluate(model) - (0.0 if call == 1 else 5.0)  # the first call is the baseline
+
+        def gated_phases(model):
+            """Each call waits at gates/phases; the baseline (call 1) leaves `baseline.done` there."""
+            call = pass_gate(GATES / "phases")
+            score = digits.evaluate(model)
+            if call == 1:
+                (GATES / "phases" / "baseline.done").touch()
+            return score
+
+        def broken(model):
+            raise RuntimeError("the evaluation data set is missing")
+
+        class HeldCalibration(nn.Module):
+            """digits' CNN; once the baseline is known, its forward (calibration's first run) waits for
+            gates/phases/calibrate.go."""
+
+            def __init__(self):
+                super().__init__()
+                self.net = digits.build_model()
+
+            def forward(self, x):
+                gate = GATES / "phases"
+                if (gate / "baseline.done").exists() and not (gate / "calibrate.go").exists():
+                    (gate / "calibrate.started").touch()
+                    deadline = time.monotonic() + 600
+                    while not ((gate / "calibrate.go").exists() or (gate / "open").exists()):
+                        if time.monotonic() > deadline:
+                            raise TimeoutError("calibration was never let through")
+                        time.sleep(0.05)
+                return self.net(x)
     ''')
-    with Server(root, allowed=["qt_dash_usercode"], importable=[usercode]) as served:
+    gates = root / "gates"
+    with Server(root, allowed=["qt_dash_usercode"], importable=[usercode],
+                env={"QT_TEST_GATES": str(gates)}) as served:
+        served.gates = gates
         served.alice, served.bob = served.new_token("alice"), served.new_token("bob")
         with served.client(served.alice) as client:
             job_id = submit(client, {"name": "digits naive", **DIGITS, "space": NAIVE, "max_trials": 12})
@@ -240,6 +280,13 @@ def _poll(predicate, what: str, timeout: float = 20) -> None:  # noqa: ANN001
         time.sleep(0.2)
 
 
+def _ms(ms: float) -> str:
+    """A latency as the pages write it."""
+    if ms < 1:
+        return f"{float(f'{ms:.2g}')!r} ms"
+    return f"{ms:.2f} ms" if ms < 10 else f"{ms:.1f} ms"
+
+
 def _points(page, plot: str) -> int:  # noqa: ANN001
     """Markers plotly drew in a plot's SVG (line traces draw none)."""
     return page.locator(f"#{plot} svg.main-svg g.trace.scatter path.point").count()
@@ -261,6 +308,9 @@ def test_finished_job_pages_render_every_plot_table_and_layer(alice_page: Page, 
     cells = row.locator("td").all_inner_texts()
     assert cells[1] == "succeeded" and f"{job['progress']['trials']} / 12 trials" in cells[2]
     assert cells[7] == str(job["progress"]["evaluations"]) and cells[6] == f"{100 * job['coverage']:.1f}%"
+    int8_ms = next(r["int8_ms"] for r in job["deployment"]["latency"] if r["batch"] == 1 and r["threads"] == 1)
+    assert cells[9] == _ms(int8_ms)  # the deployed latency
+    assert row.get_attribute("data-outcome") == ("met" if job["met"] else "not-met")
     page.select_option("#status-filter", "succeeded")
     page.wait_for_url("**/dashboard/jobs?status=succeeded")
     _poll(lambda: page.locator("#jobs tbody tr[data-status]:not([data-status='succeeded'])").count() == 0,
@@ -300,8 +350,24 @@ def test_finished_job_pages_render_every_plot_table_and_layer(alice_page: Page, 
     assert page.locator("#plot-drop g.trace.scatter path.js-line").count() >= 1  # the frontier
     assert page.locator("#plot-score .shapelayer path").count() == 2  # baseline and budget lines
     assert page.locator("#plot-drop .shapelayer path").count() == 1  # budget line
-    bars = sum(v is not None for entry in ledger["ledger"].values() for v in entry["sqnr_db"].values())
-    assert page.locator("#plot-sqnr svg.main-svg g.trace.bars g.point path").count() == bars > 0
+    # the drop axis is zoomed on the budget: its line sits well inside the plot, not flat on the axis
+    low, high = page.evaluate("() => document.getElementById('plot-drop')._fullLayout.yaxis.range")
+    budget = 100 * job["max_drop"]
+    assert low < 0 < budget < high <= 3 * budget + 1e-9 and (budget - low) / (high - low) > 0.25
+    drawn = page.evaluate("() => document.getElementById('plot-drop').data[1].y")
+    assert all(low <= y <= high for y in drawn)  # larger drops on the top edge (as triangles), not off the plot
+
+    # per-layer SQNR: one layers x settings heatmap (not one bar series per setting), the chosen setting framed
+    traces = page.evaluate("() => document.getElementById('plot-sqnr').data.map(t => [t.type, t.x, t.y, t.z || null])")
+    assert [t[0] for t in traces] == ["heatmap", "scatter"]
+    _, settings, layers, z = traces[0]
+    assert layers == [n for n in ledger["layers"] if n in ledger["ledger"]] and settings
+    for i, name in enumerate(layers):
+        for j, setting in enumerate(settings):
+            assert z[i][j] == pytest.approx(ledger["ledger"][name]["sqnr_db"].get(setting), nan_ok=True)
+    framed = dict(zip(traces[1][2], traces[1][1]))
+    assert framed == {n: e["decision"][5:] for n, e in ledger["ledger"].items() if e["decision"].startswith("int8 ")}
+    assert page.locator("#plot-sqnr g.heatmaplayer image").count() == 1
 
     # the ledger: every layer, its decision in the best plan, its state across every trial
     assert page.locator("#ledger tbody tr[data-layer]").count() == len(ledger["layers"]) > 0
@@ -339,6 +405,10 @@ def test_finished_job_pages_render_every_plot_table_and_layer(alice_page: Page, 
                            and r["threads"] == 1)
     speedup_card = page.locator("#summary .stat", has_text="INT8 speed-up").inner_text()
     assert f"{calibration_row['speedup']:.2f}×" in speedup_card
+    batch1 = next(r for r in deployment["latency"] if r["batch"] == 1 and r["threads"] == 1)
+    latency_card = page.locator("#summary .stat[data-card='Deployed latency']")
+    assert latency_card.locator(".value").inner_text() == _ms(batch1["int8_ms"])
+    assert f"FP32 {_ms(batch1['fp32_ms'])}" in latency_card.inner_text()
     verdicts = report["deployment"]["kernels"]["layers"]
     for name in ledger["layers"]:  # the ledger says what ONNX Runtime runs for each layer
         verdict = verdicts[name]
@@ -349,40 +419,63 @@ def test_finished_job_pages_render_every_plot_table_and_layer(alice_page: Page, 
         page.click("#artifacts a.artifact:text('plan.json')")
     assert json.loads(Path(download.value.path()).read_text())["layers"] == report["plan"]["layers"]
     assert page.is_hidden("#cancel-button")
+    assert page.is_hidden("#job-outcome") == bool(job["met"]) and page.is_hidden("#job-phase")
     alice_page.shot("job-finished")
     assert not alice_page.errors, alice_page.errors
 
 
+def _wait_started(gate: Gate, call: int, server: Server, what: str) -> None:
+    """Until the gated evaluation's call `call` is waiting at `gate` (a hang guard, not a pace)."""
+    _poll(lambda: gate.started(call), f"{what} (evaluation call {call}) to start\n{gate.state()}\n{server.logs()}", 300)
+
+
+def _complete_rows(page) -> int:  # noqa: ANN001
+    return page.locator("#trials tbody tr[data-trial] td.state-COMPLETE").count()
+
+
 def test_live_updates_and_cancel_from_the_page(alice_page: Page, server: Server) -> None:
-    page = alice_page.page
+    """Every evaluation waits at a gate: the page is checked while the job is provably held between
+    two known states, so no step depends on how fast the machine runs the search."""
+    page, gate = alice_page.page, Gate(server.gates / "live")
     with server.client(server.alice) as api:
-        job_id = submit(api, {"name": "slow, never within budget", **DIGITS, "space": NAIVE, "max_trials": 60,
-                               "evaluate": "qt_dash_usercode.evals:slow_and_never_enough"})
-        wait_job(api, job_id, lambda j: j["status"] == "running", 60, server)
+        job_id = submit(api, {"name": "gated, never within budget", **DIGITS, "space": NAIVE, "max_trials": 60,
+                               "evaluate": "qt_dash_usercode.evals:gated_never_enough"})
+        try:
+            _wait_started(gate, 1, server, "the FP32 baseline")
+            gate.release(1)
+            _wait_started(gate, 2, server, "trial 0")  # held: no trial has finished
 
-    page.goto("/dashboard/jobs")
-    progress = page.locator(f"#jobs tr[data-job-id='{job_id}'] td:nth-child(3)")
-    progress.wait_for()
-    before = progress.inner_text()
-    # the page polls the JSON API while the job runs: the progress changes without a reload
-    _poll(lambda: progress.inner_text() != before, "the jobs page to show new progress", timeout=60)
-    page.click(f"#jobs tr[data-job-id='{job_id}'] a.job-link")
-    page.wait_for_selector("body[data-ready='live']")
-    page.wait_for_selector("#trials tbody tr[data-trial]")
-    page.wait_for_selector("#plot-score svg.main-svg")
-    shown = page.locator("#trials tbody tr[data-trial]").count()
-    _poll(lambda: page.locator("#trials tbody tr[data-trial]").count() > shown, "a new trial row without reload", 30)
-    assert _points(page, "plot-score") == page.locator("#trials tbody tr[data-trial] td.state-COMPLETE").count()
-    assert page.inner_text("#job-status") == "running" and page.is_visible("#cancel-button")
-    alice_page.shot("job-running")
+            page.goto("/dashboard/jobs")
+            progress = page.locator(f"#jobs tr[data-job-id='{job_id}'] td:nth-child(3)")
+            _poll(lambda: "Searching" in progress.inner_text(), "the jobs page to show the running job's phase", 60)
+            gate.release(2)  # trial 0 finishes: the page polls the JSON API and shows it without a reload
+            _poll(lambda: re.match(r"\d+ / 60 trials", progress.inner_text()), "the jobs page to show new progress", 60)
 
-    dialogs: list[str] = []
-    page.once("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
-    page.click("#cancel-button")
-    page.wait_for_selector("#job-status:text-is('cancelled')")
-    assert dialogs and f"#{job_id}" in dialogs[0]
-    page.wait_for_selector("#cancel-button", state="hidden")
-    with server.client(server.alice) as api:
+            _wait_started(gate, 3, server, "the next evaluated trial")  # held again
+            page.click(f"#jobs tr[data-job-id='{job_id}'] a.job-link")
+            page.wait_for_selector("body[data-ready='live']")
+            page.wait_for_selector("#plot-score svg.main-svg")
+            _poll(lambda: page.locator("#trials tbody tr[data-trial] td.state-RUNNING").count() == 1,
+                  "the held trial's RUNNING row", 60)
+            shown = _complete_rows(page)
+            gate.release(3)
+            _wait_started(gate, 4, server, "the evaluation after it")  # held: the trials are fixed now
+            finished = sum(t["state"] == "COMPLETE" for t in
+                           api.get(f"/v1/jobs/{job_id}/trials", params={"limit": 1000}).json()["data"])
+            assert finished > shown
+            _poll(lambda: _complete_rows(page) == finished, "the new trial rows without reload", 60)
+            assert _points(page, "plot-score") == finished
+            assert page.inner_text("#job-status") == "running" and page.is_visible("#cancel-button")
+            alice_page.shot("job-running")
+
+            dialogs: list[str] = []
+            page.once("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
+            page.click("#cancel-button")
+            page.wait_for_selector("#job-status:text-is('cancelled')")
+            assert dialogs and f"#{job_id}" in dialogs[0]
+            page.wait_for_selector("#cancel-button", state="hidden")
+        finally:
+            gate.open()  # the held evaluation returns; the worker sees the job cancelled and stops
         job = api.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "cancelled" and job["reason"] == "cancelled by the user"
     alice_page.shot("job-cancelled")
@@ -390,6 +483,79 @@ def test_live_updates_and_cancel_from_the_page(alice_page: Page, server: Server)
     page.goto("/dashboard/jobs?status=cancelled")
     page.wait_for_selector(f"#jobs tr[data-job-id='{job_id}'][data-status='cancelled']")
     assert page.locator(f"#jobs tr[data-job-id='{server.job['id']}']").count() == 0
+    assert not alice_page.errors, alice_page.errors
+
+
+def test_the_phase_shows_while_the_baseline_and_calibration_run(alice_page: Page, server: Server) -> None:
+    page, gate = alice_page.page, Gate(server.gates / "phases")
+    with server.client(server.alice) as api:
+        job_id = submit(api, {**DIGITS, "name": "phases", "model": "qt_dash_usercode.evals:HeldCalibration",
+                              "evaluate": "qt_dash_usercode.evals:gated_phases", "max_trials": 3})
+        try:
+            _wait_started(gate, 1, server, "the FP32 baseline")
+            page.goto(f"/dashboard/jobs/{job_id}")
+            page.wait_for_selector("#job-phase:text-is('Evaluating the FP32 baseline…')")
+            baseline_card = page.locator("#summary .stat[data-card='Baseline (FP32)'] .value")
+            assert baseline_card.inner_text() == "Evaluating the FP32 baseline…"  # not a dash
+            page.goto("/dashboard/jobs")
+            cell = page.locator(f"#jobs tr[data-job-id='{job_id}'] td:nth-child(3)")
+            cell.wait_for()
+            _poll(lambda: cell.inner_text() == "Evaluating the FP32 baseline…", "the phase in the jobs list")
+            alice_page.shot("jobs-phase-baseline")
+
+            gate.release(1)
+            _poll(lambda: (server.gates / "phases" / "calibrate.started").exists(), "calibration to be held", 300)
+            page.goto(f"/dashboard/jobs/{job_id}")
+            page.wait_for_selector("#job-phase:text-is('Calibrating and measuring per-layer errors…')")
+            baseline = api.get(f"/v1/jobs/{job_id}/ledger").json()["baseline"]
+            _poll(lambda: "…" not in baseline_card.inner_text(), "the baseline instead of the phase")
+            assert float(baseline_card.inner_text()) == pytest.approx(baseline, rel=1e-3)
+            assert page.locator("#summary .stat[data-card='Best score so far'] .value").inner_text() == \
+                "Calibrating and measuring per-layer errors…"
+            alice_page.shot("job-phase-calibration")
+
+            (server.gates / "phases" / "calibrate.go").touch()
+            _wait_started(gate, 2, server, "trial 0")
+            _poll(lambda: page.inner_text("#job-phase").startswith("Searching"), "the search phase", 60)
+        finally:
+            api.post(f"/v1/jobs/{job_id}/cancel")
+            gate.open()
+            (server.gates / "phases" / "calibrate.go").touch()
+    assert not alice_page.errors, alice_page.errors
+
+
+def test_not_met_and_failed_jobs_stand_out(alice_page: Page, server: Server) -> None:
+    page = alice_page.page
+    with server.client(server.alice) as api:
+        # one trial, all INT8 with the naive setting: over the 1% budget, so the job ends without meeting it
+        missed = submit(api, {**DIGITS, "name": "one trial, not met", "space": NAIVE, "max_trials": 1})
+        failed = submit(api, {**DIGITS, "name": "broken evaluation", "evaluate": "qt_dash_usercode.evals:broken"})
+        missed_job = wait_job(api, missed, lambda j: j["status"] == "succeeded", 300, server)
+        wait_job(api, failed, lambda j: j["status"] == "failed", 300, server, allow=("failed",))
+    assert missed_job["met"] is False
+
+    page.goto("/dashboard/jobs")
+    not_met = page.locator(f"#jobs tr[data-job-id='{missed}']")
+    not_met.wait_for()
+    assert not_met.get_attribute("data-outcome") == "not-met" and "outcome-not-met" in not_met.get_attribute("class")
+    assert not_met.locator("td").nth(1).inner_text() == "succeeded budget not met"
+    broken = page.locator(f"#jobs tr[data-job-id='{failed}']")
+    assert broken.get_attribute("data-outcome") == "failed"
+    met = page.locator(f"#jobs tr[data-job-id='{server.job['id']}']")
+
+    def colour(locator, selector: str, prop: str) -> str:  # noqa: ANN001
+        return locator.locator(selector).first.evaluate(f"e => getComputedStyle(e).{prop}")
+
+    shades = {colour(row, "td", "boxShadow") for row in (not_met, broken, met)}
+    assert len(shades) == 3  # orange edge, red edge, none
+    assert colour(not_met, ".outcome-not-met", "color") not in (colour(met, ".badge", "color"),
+                                                                colour(broken, ".badge", "color"))
+    alice_page.shot("jobs-outcomes")
+
+    page.goto(f"/dashboard/jobs/{missed}")
+    page.wait_for_selector("body[data-ready='final'][data-outcome='not-met']")
+    assert page.is_visible("#job-outcome") and page.inner_text("#job-outcome") == "budget not met"
+    assert page.inner_text("#job-status") == "succeeded"
     assert not alice_page.errors, alice_page.errors
 
 

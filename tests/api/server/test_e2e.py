@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import Processes, submit, wait_http, wait_job
+from tests.support import Gate, Processes, submit, wait_http, wait_job
 
 pytestmark = pytest.mark.slow
 
@@ -66,31 +66,6 @@ def test_serve_runs_a_submitted_job_to_completion(processes: Processes, tmp_path
     assert serve.wait(60) == 0, processes.logs()
     for pid in workers:
         assert not Path(f"/proc/{pid}").exists() or "(Z)" in Path(f"/proc/{pid}/stat").read_text(), "worker left running"
-
-
-class Gate:
-    """The test's side of `qt_usercode.evals:gated` for one worker: each evaluation call k writes
-    `call-<k>.started` in `directory` and blocks until the test writes `call-<k>.go` (or `open`)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        directory.mkdir()
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {"QT_TEST_GATE": str(self.directory)}
-
-    def started(self, call: int) -> bool:
-        return (self.directory / f"call-{call}.started").exists()
-
-    def release(self, call: int) -> None:
-        (self.directory / f"call-{call}.go").touch()
-
-    def open(self) -> None:
-        (self.directory / "open").touch()
-
-    def state(self) -> str:
-        return f"{self.directory.name}: {sorted(p.name for p in self.directory.iterdir())}"
 
 
 @pytest.mark.postgres
