@@ -305,7 +305,7 @@ def tune(
         return apply_plan(model, plan, calib, share_weights=True)
 
     n_candidates = sum(1 for n in report.layers if n not in space.exclude)
-    strategy = Strategy(space, n_candidates, lambda p: make_plan(p)[0].key())
+    strategy = Strategy(space, n_candidates, lambda p: make_plan(p)[0].key(), slack=budget.max_drop / 2)
     known = stored_outcomes(study, budget)
     _remember(plans, known)
     evaluations = 0  # this process's evaluations of plans
