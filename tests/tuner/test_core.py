@@ -99,7 +99,7 @@ def test_layer_report_measures_every_setting_and_coverage(digits_model, digits_b
     calib = calibrate(digits_model, digits_batches)
     report = layer_report(digits_model, calib)
     fc2 = report.layers["fc2"]
-    assert len(fc2.sqnr) == 28  # 6 methods x 2 schemes x 2 granularities + 4 smoothed
+    assert len(fc2.sqnr) == 88  # (6 methods x 2 schemes x 2 granularities + 5 strengths x 4 smoothed) x bias correction
     # the outlier channel: per-tensor max calibration is far worse than SmoothQuant on fc2's input
     assert fc2.sqnr["max/affine/per_channel/smooth0.5"] > fc2.sqnr["max/affine/per_channel"] + 10
     assert report.best_plan().config("fc2").smooth  # and the report picks it there
