@@ -1,36 +1,37 @@
-"""Issue 3 figures: `tune` against two baseline strategies on the real cases, same run.
+"""`tune` on every bench case at 1%, 0.5% and 0.25% budgets (issue 16).
 
-    python benchmarks/bench_tune.py
+    python benchmarks/bench_tune.py [--budgets 0.01 0.005 0.0025] [--cases digits_cnn ...] [--baselines]
 
+Per case and budget: evaluations (baseline + plans + the ONNX Runtime check), FP32 layers, the
+returned plan's drop, the FIRST plan's drop (every layer INT8 at its best-measured setting: how well
+the calibration alone does, before any search), the deployed (ONNX Runtime) drop, and how many
+planned INT8 layers run INT8 kernels. `--baselines` adds, at 1%, two naive strategies:
 - naive full INT8: every layer INT8, activations affine per-tensor min-max, weights per-tensor;
-- one-by-one fallback: naive, then fall back one more layer (in model order) per evaluation
-  until the budget is met;
-- quanttune `tune` with defaults (evaluations include the baseline and the ONNX Runtime check).
+- one-by-one fallback: naive, then one more layer FP32 (in model order) per evaluation until met.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import time
 
 from cases import CASES, load_case
 
 from tuner import LayerConfig, apply_plan, calibrate, tune
 
-BUDGET = 0.01
+BUDGETS = (0.01, 0.005, 0.0025)
 
 
-def naive(case, model, batches):
-    start = time.perf_counter()
+def naive(case, model, batches, budget):
     baseline = case.evaluate(model)
     calib = calibrate(model, batches)
     plan = calib.uniform_plan(LayerConfig(activation="max", scheme="affine", weights="per_tensor"))
-    score = case.evaluate(apply_plan(model, plan, calib))
-    drop = (baseline - score) / abs(baseline)
-    return dict(evaluations=2, fp32=0, drop=drop, coverage=1.0, met=drop <= BUDGET, seconds=time.perf_counter() - start)
+    drop = (baseline - case.evaluate(apply_plan(model, plan, calib))) / abs(baseline)
+    return dict(evaluations=2, fp32=0, drop=drop, met=drop <= budget)
 
 
-def one_by_one(case, model, batches, max_evals=60):
-    start = time.perf_counter()
+def one_by_one(case, model, batches, budget, max_evals=60):
     baseline = case.evaluate(model)
     calib = calibrate(model, batches)
     plan = calib.uniform_plan(LayerConfig(activation="max", scheme="affine", weights="per_tensor"))
@@ -41,40 +42,54 @@ def one_by_one(case, model, batches, max_evals=60):
         score = case.evaluate(apply_plan(model, plan.fallback(fp32), calib, share_weights=True))
         evaluations += 1
         drop = (baseline - score) / abs(baseline)
-        if drop <= BUDGET or evaluations >= max_evals:
+        if drop <= budget or evaluations >= max_evals:
             break
-    coverage = calib.coverage(plan.fallback(fp32))["macs"]
-    return dict(evaluations=evaluations, fp32=len(fp32), drop=drop, coverage=coverage, met=drop <= BUDGET,
-                seconds=time.perf_counter() - start)
+    return dict(evaluations=evaluations, fp32=len(fp32), drop=drop, met=drop <= budget)
 
 
-def quanttune(case, model, batches):
-    start = time.perf_counter()
-    r = tune(model, batches, case.evaluate, max_drop=BUDGET, verbose=False)
-    trials = [t for t in r.trials if t["state"] == "COMPLETE" and t["duplicate_of"] is None]
-    overhead = max((t["overhead_s"] / t["duration_s"] for t in trials if t["duration_s"]), default=0.0)
-    return dict(evaluations=r.evaluations, fp32=len(r.fp32_layers), drop=r.drop, coverage=r.coverage["macs"],
-                met=r.met, seconds=time.perf_counter() - start, deployed_drop=r.deployed_drop,
-                overhead=overhead, prepare=r.seconds["prepare"])
+def quanttune(case, model, batches, budget):
+    r = tune(model, batches, case.evaluate, max_drop=budget, verbose=False, latency_runs=0)
+    trials = sorted((t for t in r.trials if t["state"] == "COMPLETE"), key=lambda t: t["number"])
+    kernels = r.deployment.kernels if r.deployment is not None else None
+    techniques = {}
+    for entry in r.ledger.values():
+        for what in entry.get("recovery", {}):
+            techniques[what] = techniques.get(what, 0) + 1
+    return dict(evaluations=r.evaluations, fp32=len(r.fp32_layers), drop=r.drop, met=r.met,
+                first=trials[0]["drop"] if trials else None, deployed=r.deployed_drop,
+                kernels=f"{len(kernels.running_int8)}/{len(kernels.planned_int8)}" if kernels else "-",
+                techniques=techniques, prepare=r.seconds["prepare"])
+
+
+def pct(x):
+    return f"{x:+.3%}" if x is not None else "-"
 
 
 def main() -> None:
-    print(f"budget: {BUDGET:.0%} relative drop")
-    header = f"{'case':<19}{'strategy':<22}{'evals':>6}{'FP32 layers':>12}{'drop':>9}{'INT8 MACs':>10}{'met':>5}{'wall s':>8}"
-    print(header)
-    for name in CASES:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--budgets", type=float, nargs="+", default=BUDGETS)
+    parser.add_argument("--cases", nargs="+", default=CASES)
+    parser.add_argument("--baselines", action="store_true")
+    args = parser.parse_args()
+    print(f"load average at start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
+    print(f"{'case':<19}{'budget':>7}{'evals':>6}{'FP32':>5}{'drop':>9}{'first plan':>11}{'deployed':>10}"
+          f"{'INT8 kernels':>13}{'met':>5}{'wall s':>8}  kept INT8 by")
+    for name in args.cases:
         case = load_case(name)
         if case is None:
             continue
         model, batches = case.build_model(), case.calibration_data()
-        for label, strategy in (("naive full INT8", naive), ("one-by-one fallback", one_by_one), ("quanttune tune", quanttune)):
-            r = strategy(case, model, batches)
-            print(f"{name:<19}{label:<22}{r['evaluations']:>6}{r['fp32']:>12}{r['drop']:>9.2%}{r['coverage']:>10.1%}"
-                  f"{'yes' if r['met'] else 'no':>5}{r['seconds']:>8.1f}")
-            if "overhead" in r:
-                print(f"{'':<19}{'':<22}deployed drop {r['deployed_drop']:.2%}; tuner overhead per trial "
-                      f"(all but evaluate) <= {r['overhead']:.1%} of the trial; one-off preparation "
-                      f"(calibration + report) {r['prepare']:.1f}s")
+        for budget in args.budgets:
+            start = time.perf_counter()
+            r = quanttune(case, model, batches, budget)
+            print(f"{name:<19}{budget:>7.2%}{r['evaluations']:>6}{r['fp32']:>5}{pct(r['drop']):>9}{pct(r['first']):>11}"
+                  f"{pct(r['deployed']):>10}{r['kernels']:>13}{'yes' if r['met'] else 'no':>5}"
+                  f"{time.perf_counter() - start:>8.1f}  {r['techniques'] or '-'}", flush=True)
+        if args.baselines:
+            for label, strategy in (("naive full INT8", naive), ("one-by-one fallback", one_by_one)):
+                r = strategy(case, model, batches, 0.01)
+                print(f"{name:<19}{'1.00%':>7}{r['evaluations']:>6}{r['fp32']:>5}{pct(r['drop']):>9}  ({label})")
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

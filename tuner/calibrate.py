@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from .graph import ConvOutput, ModelGraph, fold_batchnorm, read_graph
 from .histogram import TensorStats
 from .plan import LayerConfig, Plan
 from .quant import INT8, UINT8, QParams, compute_qparams, fake_quantize, weight_qparams
+from .smoothing import verify_folds
 
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 WEIGHT_ONLY = (nn.Embedding,)  # integer inputs: only the weight is quantized
@@ -53,6 +54,9 @@ class LayerInfo:
     input: TensorStats = field(default_factory=TensorStats)
     channel_min: torch.Tensor | None = None  # per input channel, for SmoothQuant
     channel_max: torch.Tensor | None = None
+    # per INT8 setting (its label without "/bc"): the mean output shift per output channel it
+    # causes, INT8 minus FP32, measured by `layer_report` on the calibration data (bias correction)
+    output_shift: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def update_channels(self, x: torch.Tensor, axis: int) -> None:
         x = x.detach().float().movedim(axis, -1).reshape(-1, x.shape[axis])
@@ -74,12 +78,14 @@ class Calibration:
 
     def __init__(self, model: nn.Module, layers: dict[str, LayerInfo], batches: list[Any], seconds: float,
                  *, source: nn.Module | None = None, graph: ModelGraph | None = None,
-                 tensors: dict[str, TensorStats] | None = None):
+                 tensors: dict[str, TensorStats] | None = None, smooth_folds: dict[str, str] | None = None):
         source = model if source is None else source
         self.model = model
         self.source = source
         self.graph = graph
         self.tensors = tensors or {}
+        # layer -> the LayerNorm/Linear its SmoothQuant factors fold into (no Div; `tuner.smoothing`)
+        self.smooth_folds = smooth_folds or {}
         self.layers = layers
         self.batches = batches
         self.seconds = seconds
@@ -217,6 +223,11 @@ class Calibration:
             self._weights[key] = (qp, fake_quantize(w, qp))
         return self._weights[key]
 
+    def bias_shift(self, name: str, config: LayerConfig) -> torch.Tensor | None:
+        """The measured mean output shift per output channel of layer `name` under `config` (the
+        bias correction subtracts it), or None when `layer_report` has not measured it."""
+        return self.layers[name].output_shift.get(replace(config, bias_correction=False).setting())
+
     # -- plans -------------------------------------------------------------------------------
 
     def check_plan(self, plan: Plan) -> None:
@@ -224,10 +235,11 @@ class Calibration:
         _check_known(plan.tensors, self.tensors,
                      "plan `tensors` names sites that are not tensors quanttune can quantize in this model")
         for name, config in plan.layers.items():
-            if config.int8 and config.smooth and self.layers[name].weight_only:
+            if config.int8 and (config.smooth or config.bias_correction) and self.layers[name].weight_only:
                 raise InvalidPlanError(
                     f"layer {name!r} is an {self.layers[name].kind}, a weight-only layer (its input is "
-                    f"indices): `smooth` does not apply to it, but got smooth={config.smooth}."
+                    f"indices): `smooth` and `bias_correction` do not apply to it, but got "
+                    f"smooth={config.smooth}, bias_correction={config.bias_correction}."
                 )
 
     def uniform_plan(self, config: LayerConfig = LayerConfig()) -> Plan:
@@ -334,5 +346,6 @@ def calibrate(model: nn.Module, calibration: Any, *, max_bins: int = 4096) -> Ca
     for name in unused:  # a layer the forward never reaches cannot be calibrated: leave it out
         del layers[name]
     tensors = {site: stats for site, stats in tensors.items() if stats.count}
+    folds = verify_folds(model, {k: v for k, v in graph.smooth_producers.items() if k in layers}, batches[0]) if graph else {}
     return Calibration(model, layers, batches, time.perf_counter() - start, source=source, graph=graph,
-                       tensors=tensors)
+                       tensors=tensors, smooth_folds=folds)

@@ -90,6 +90,9 @@ class ModelGraph:
     # site -> the site it only moves data from (max-pooling, reshapes): both take one scale, so the
     # runtime moves int8 data (NhwcMaxPool) instead of dequantizing, moving and requantizing
     same_scale: dict[str, str] = field(default_factory=dict)
+    # layer -> the LayerNorm/Linear whose output only it reads: where its SmoothQuant factors may
+    # fold (`tuner.smoothing`; `Calibration.smooth_folds` holds the verified ones)
+    smooth_producers: dict[str, str] = field(default_factory=dict)
 
     @property
     def sites(self) -> list[str]:
@@ -200,6 +203,9 @@ def _analyse(program: torch.export.ExportedProgram, layers: set[str], model: nn.
     result.joins = _joins(graph, scopes, out_node)
     _direct_inputs(graph, scopes, params, layers, result)
     _moved_sites(graph, scopes, result)
+    from .smoothing import fold_candidates  # it reads this module's op tables
+
+    result.smooth_producers = fold_candidates(graph, params, {n: c[0] for n, c in layer_nodes.items() if len(c) == 1})
     return result
 
 

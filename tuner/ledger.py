@@ -50,10 +50,24 @@ def build_ledger(
             "batchnorm_folded": graph.folds.get(name) if graph else None,
             "output_quantized": _output_site(graph, name, sites),
             "runs_float": slow.get(name),
+            # what kept it INT8 beyond the plain setting, by how many dB of output SQNR
+            "recovery": _recovery(errors, config, calib.smooth_folds.get(name)),
         }
         if name in slow:
             ledger[name]["reason"] += f" Planned INT8, but ONNX Runtime runs it in float: {slow[name]}."
+        for what, found in ledger[name]["recovery"].items():
+            gain = f"+{found['gain_db']:.1f} dB" if found.get("gain_db") is not None else "gain not measured"
+            alpha = f" at strength {found['alpha']:g}" if "alpha" in found else ""
+            where = f", folded into {found['folded_into']}" if found.get("folded_into") else ""
+            ledger[name]["reason"] += f" Kept by {what.replace('_', ' ')}{alpha} ({gain}{where})."
     return ledger
+
+
+def _recovery(errors: LayerErrors, config: LayerConfig, fold: str | None) -> dict[str, Any]:
+    found = errors.recovery(config)
+    if "smoothquant" in found:
+        found["smoothquant"]["folded_into"] = fold  # None: a Div before its QuantizeLinear
+    return found
 
 
 def _output_site(graph, name: str, sites: dict[str, str]) -> dict[str, str] | None:

@@ -38,6 +38,8 @@ class LayerConfig:
     SmoothQuant migration strength alpha in [0, 1] (0: off): input channel j is divided by
     s_j = max|x_j|^alpha / max|W[:, j]|^(1 - alpha) and weight column j multiplied by it, which
     moves activation outliers into the weights; smoothed inputs are calibrated by "max".
+    `bias_correction`: the expected output shift per output channel that this setting causes,
+    measured on the calibration data, is subtracted from the bias (free at run time).
     For a weight-only layer (`nn.Embedding`) only `precision` and `weights` apply."""
 
     precision: str = "int8"
@@ -45,6 +47,7 @@ class LayerConfig:
     scheme: str = "affine"
     weights: str = "per_channel"
     smooth: float = 0.0
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -57,6 +60,8 @@ class LayerConfig:
                 raise InvalidPlanError(f"`{name}` must be one of {list(allowed)}, but got {value!r}.")
         if not isinstance(self.smooth, (int, float)) or not 0.0 <= self.smooth <= 1.0:
             raise InvalidPlanError(f"`0 <= smooth <= 1` must hold, but got smooth={self.smooth!r}.")
+        if not isinstance(self.bias_correction, bool):
+            raise InvalidPlanError(f"`bias_correction` must be true or false, but got {self.bias_correction!r}.")
         if self.smooth and self.activation != "max":
             raise InvalidPlanError(
                 f"a smoothed input (smooth={self.smooth}) is calibrated by 'max' only, but got {self.activation!r}."
@@ -76,15 +81,18 @@ class LayerConfig:
         data = asdict(self)
         if not self.smooth:
             del data["smooth"]  # keep plans short; absent means 0
+        if not self.bias_correction:
+            del data["bias_correction"]
         return data
 
     def setting(self, weight_only: bool = False) -> str:
-        """The INT8 setting as one label, e.g. `mse/affine/per_channel` or `max/affine/per_channel/smooth0.5`;
+        """The INT8 setting as one label, e.g. `mse/affine/per_channel` or `max/affine/per_channel/smooth0.5/bc`;
         for a weight-only layer (an embedding) just its weights, e.g. `weight-only/per_channel`."""
         if weight_only:
             return f"weight-only/{self.weights}"
         label = f"{self.activation}/{self.scheme}/{self.weights}"
-        return f"{label}/smooth{self.smooth:g}" if self.smooth else label
+        label = f"{label}/smooth{self.smooth:g}" if self.smooth else label
+        return f"{label}/bc" if self.bias_correction else label
 
     def short(self, weight_only: bool = False) -> str:
         """A compact label, e.g. `int8 mse/affine/per_channel`, `int8 weight-only/per_channel` or `fp32`."""

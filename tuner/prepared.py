@@ -112,7 +112,8 @@ def dump_prepared(calibration: Calibration, report: LayerReport) -> bytes:
     state = {
         "format": FORMAT,
         "calibration": {"layers": _encode(calibration.layers), "seconds": calibration.seconds,
-                        "tensors": _encode(getattr(calibration, "tensors", None) or {})},
+                        "tensors": _encode(getattr(calibration, "tensors", None) or {}),
+                        "smooth_folds": _encode(getattr(calibration, "smooth_folds", None) or {})},
         "report": {"layers": _encode(report.layers), "seconds": report.seconds},
     }
     buffer = io.BytesIO()
@@ -126,13 +127,14 @@ def load_prepared(data: bytes, model: nn.Module, batches: list[Any]) -> tuple[Ca
         raise ValueError(f"prepared state of format {state.get('format')!r}, expected {FORMAT}")
     stored = state["calibration"]
     calibration = _calibration(model, _decode(stored["layers"]), batches, stored["seconds"],
-                               _decode(stored.get("tensors", {"__dict__": {}})))
+                               _decode(stored.get("tensors", {"__dict__": {}})),
+                               _decode(stored.get("smooth_folds", {"__dict__": {}})))
     report = LayerReport(_decode(state["report"]["layers"]), calibration, state["report"]["seconds"])
     return calibration, report
 
 
 def _calibration(model: nn.Module, layers: dict[str, Any], batches: list[Any], seconds: float,
-                 tensors: dict[str, Any]) -> Calibration:
+                 tensors: dict[str, Any], smooth_folds: dict[str, str]) -> Calibration:
     """A `Calibration` from stored statistics. Where calibration also captures the model's graph
     and folds its BatchNorms (`Calibration(..., source=, graph=, tensors=)`), that structure is
     derived again here from the model (no data pass, no statistics): only statistics are stored."""
@@ -150,7 +152,8 @@ def _calibration(model: nn.Module, layers: dict[str, Any], batches: list[Any], s
     finally:
         model.train(was_training)
     folded = graphs.fold_batchnorm(model, graph.folds) if graph is not None and graph.folds else model
-    return Calibration(folded, layers, batches, seconds, source=model, graph=graph, tensors=tensors)
+    return Calibration(folded, layers, batches, seconds, source=model, graph=graph, tensors=tensors,
+                       smooth_folds=smooth_folds)
 
 
 def dump_ranking(ranking: list[str]) -> bytes:

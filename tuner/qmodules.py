@@ -10,14 +10,17 @@ is None).
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import nn
 
 from .calibrate import Calibration
+from .errors import InvalidPlanError
 from .plan import LayerConfig, Plan
 from .qdq_ops import qdq_ops
 from .quant import QParams
+from .smoothing import scale_output_channels
 
 
 class QuantizedLayer(nn.Module):
@@ -25,7 +28,8 @@ class QuantizedLayer(nn.Module):
     Embedding whose table is quantized (`act_qparams=None`: weight-only)."""
 
     def __init__(self, layer: nn.Module, config: LayerConfig, act_qparams: QParams | None, weight_qparams: QParams,
-                 fake_weight: torch.Tensor, input_divisor: torch.Tensor | None = None):
+                 fake_weight: torch.Tensor, input_divisor: torch.Tensor | None = None,
+                 bias_shift: torch.Tensor | None = None):
         super().__init__()
         inner = copy.copy(layer)  # shares everything but the weight and the hooks with `layer`
         for attr, value in vars(layer).items():
@@ -33,6 +37,9 @@ class QuantizedLayer(nn.Module):
                 setattr(inner, attr, type(value)())
         inner._parameters = dict(layer._parameters)
         inner._parameters["weight"] = nn.Parameter(fake_weight, requires_grad=False)
+        if bias_shift is not None:  # bias correction: the measured mean output shift taken out
+            bias = layer.bias.detach() if layer.bias is not None else torch.zeros_like(bias_shift)
+            inner._parameters["bias"] = nn.Parameter((bias - bias_shift.to(bias.dtype)).clone(), requires_grad=False)
         self.layer = inner
         self.config = config
         self.act_qparams = act_qparams
@@ -45,6 +52,7 @@ class QuantizedLayer(nn.Module):
         # SmoothQuant: x / s per input channel (the weight columns were multiplied by s)
         self.channel_axis = -1 if isinstance(layer, nn.Linear) else 1
         self.register_buffer("input_divisor", input_divisor, persistent=False)
+        self.folded_into: str | None = None  # the op its smoothing factors were folded into, if any
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.input_divisor is not None:
@@ -103,7 +111,13 @@ def quantized_layer(module: nn.Module, name: str, config: LayerConfig, calibrati
         return QuantizedLayer(module, config, None, wqp, fake_weight)
     act = act or calibration.activation_qparams(name, config.activation, config.symmetric, config.smooth)
     divisor = calibration.smoothing_factors(name, config.smooth) if config.smooth else None
-    return QuantizedLayer(module, config, act, wqp, fake_weight, divisor)
+    shift = None
+    if config.bias_correction:
+        shift = calibration.bias_shift(name, config)
+        if shift is None:
+            raise InvalidPlanError(f"layer {name!r}: the output shift for bias correction under "
+                                   f"{config.setting()} was not measured (layer_report or apply_plan measure it).")
+    return QuantizedLayer(module, config, act, wqp, fake_weight, divisor, shift)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -120,6 +134,9 @@ def apply_plan(model: nn.Module, plan: Plan, calibration: Calibration, *, share_
     caller's FP32 parameter tensors instead of copying them (fast; for throw-away trial models).
     """
     calibration.check_plan(plan)
+    from .report import measure_shifts  # the report builds on this module
+
+    measure_shifts(model, calibration, {n: [c] for n, c in plan.layers.items() if c.int8 and c.bias_correction})
     base = calibration.prepare(model)  # BatchNorms folded, as calibrated
     memo = {id(p): p for p in base.parameters()} if share_weights else {}
     new = copy.deepcopy(base, memo)
@@ -127,6 +144,26 @@ def apply_plan(model: nn.Module, plan: Plan, calibration: Calibration, *, share_
     for name in plan.int8_layers:
         act = calibration.shared_input(name, plan, sites)
         _set_submodule(new, name, quantized_layer(new.get_submodule(name), name, plan.layers[name], calibration, act))
+    for name in plan.int8_layers:
+        if plan.layers[name].smooth and name in calibration.smooth_folds:
+            _fold_smoothing(new, name, calibration.smooth_folds[name])
     for site, why in sites.items():
         quantize_output(new.get_submodule(site), calibration.tensor_qparams(site, plan), why)
     return new.eval()
+
+
+def _fold_smoothing(model: nn.Module, name: str, producer: str) -> None:
+    """Move layer `name`'s SmoothQuant Div into the op producing its input (`tuner.smoothing`):
+    that op's output channels are divided by the factors instead. An INT8 producer folds only with
+    per-channel weights (its codes stay the same, its scales are divided); else the Div stays."""
+    layer, target = model.get_submodule(name), model.get_submodule(producer)
+    factors = layer.input_divisor
+    if isinstance(target, QuantizedLayer):
+        wqp = target.weight_qparams
+        if target.weight_only or wqp.axis != 0 or not scale_output_channels(target.layer, factors):
+            return
+        target.weight_qparams = dataclasses.replace(wqp, scale=wqp.scale / factors)
+    elif not scale_output_channels(target, factors):
+        return
+    layer.input_divisor = None
+    layer.folded_into = producer

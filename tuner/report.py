@@ -14,7 +14,7 @@ import itertools
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,14 +25,24 @@ from .calibrate import Calibration, quantizable_layers
 from .errors import InvalidArgumentError
 from .histogram import METHODS
 from .plan import GRANULARITIES, SCHEMES, LayerConfig, Plan
-from .qmodules import QuantizedLayer, quantized_layer
+from .qmodules import quantized_layer
 
-SMOOTH_ALPHA = 0.5
-# A smoothed input costs a Div in the deployed graph, and a Div between a convolution and the
-# next QuantizeLinear stops ONNX Runtime from fusing that convolution into an INT8 kernel
-# (measured: the digits example ran 2x slower than FP32 with every layer smoothed). So smoothing
-# is chosen only where it beats the best unsmoothed setting by this many dB.
+# SmoothQuant strengths measured for every layer (from the same calibration statistics): each
+# layer takes the one its output error prefers. Strong outliers (GELU outputs feeding a
+# transformer's FFN down-projection) want 0.75-0.85, mild ones 0.5.
+SMOOTH_ALPHAS = (0.5, 0.6, 0.75, 0.85, 0.9)
+# A smoothed input costs a Div in the deployed graph unless the factors fold into the op that
+# produces it (`Calibration.smooth_folds`: a LayerNorm or a Linear whose output only this layer
+# reads). A Div between a convolution and the next QuantizeLinear stops ONNX Runtime from fusing
+# that convolution into an INT8 kernel (measured: the digits example ran 2x slower than FP32 with
+# every layer smoothed), so there smoothing must beat the best unsmoothed setting by this many dB.
 SMOOTH_COST_DB = 3.0
+# Elsewhere a Div is one elementwise op before the QuantizeLinear: the layer keeps its INT8
+# kernel, and the Div costs a small share of the layer's time. Folded, smoothing costs nothing.
+SMOOTH_DIV_COST_DB = 1.0
+# Bias correction is free at run time, but its gain is measured on the data it was estimated on
+# (in-sample, about 1/rows of the noise): it must gain this much to be chosen.
+BIAS_CORRECTION_MIN_DB = 0.1
 # A symmetric input is quantized to [-127, 127]: the Clip between its QuantizeLinear and
 # DequantizeLinear stops ONNX Runtime from fusing the layer into an INT8 kernel (measured on
 # MiniLM and on an EfficientNet squeeze-excitation conv: float compute on dequantized weights).
@@ -48,11 +58,13 @@ def all_settings(
     schemes: Sequence[str] = SCHEMES,
     weights: Sequence[str] = GRANULARITIES,
     smooth: bool = True,
+    alphas: Sequence[float] = SMOOTH_ALPHAS,
 ) -> list[LayerConfig]:
-    """Every INT8 setting of a layer within the given choices."""
+    """Every INT8 setting of a layer within the given choices (SmoothQuant at each strength in
+    `alphas`). Each is also measured with bias correction (`LayerConfig.bias_correction`)."""
     settings = [LayerConfig("int8", m, s, w) for m, s, w in itertools.product(methods, schemes, weights)]
     if smooth:
-        settings += [LayerConfig("int8", "max", s, w, SMOOTH_ALPHA) for s, w in itertools.product(schemes, weights)]
+        settings += [LayerConfig("int8", "max", s, w, a) for a, s, w in itertools.product(alphas, schemes, weights)]
     return settings
 
 
@@ -84,6 +96,7 @@ class LayerErrors:
     sqnr: dict[str, float] = field(default_factory=dict)  # setting label -> dB
     settings: dict[str, LayerConfig] = field(default_factory=dict)
     weight_only: bool = False  # an embedding: only the `weights` of a setting matter
+    smooth_cost_db: float = SMOOTH_COST_DB  # what a smoothed input costs here (0: the factors fold)
 
     def label(self, config: LayerConfig) -> str:
         """The key of `config` in `sqnr` (for a weight-only layer, its weight granularity)."""
@@ -92,21 +105,41 @@ class LayerErrors:
     def sqnr_of(self, config: LayerConfig) -> float:
         return self.sqnr[self.label(config)]
 
+    def cost(self, config: LayerConfig) -> float:
+        """What a setting must gain (dB) to be preferred to a plain one."""
+        return ((self.smooth_cost_db if config.smooth else 0.0) + (SYMMETRIC_COST_DB if config.symmetric else 0.0)
+                + (BIAS_CORRECTION_MIN_DB if config.bias_correction else 0.0))
+
     def best(self, allowed: Iterable[LayerConfig] | None = None) -> LayerConfig:
-        """The setting with the highest SQNR among the measured ones `allowed` names (ties: the
-        first listed, i.e. the simplest; SQNR counts up to `ENOUGH_SQNR_DB`, and smoothing must win
-        by `SMOOTH_COST_DB`, a symmetric input by `SYMMETRIC_COST_DB`). A weight-only layer matches `allowed` on `weights` alone."""
+        """The setting with the highest SQNR among the measured ones `allowed` names, each also
+        with bias correction (ties: the first listed, i.e. the simplest; SQNR counts up to
+        `ENOUGH_SQNR_DB`, less the setting's `cost`). A weight-only layer matches `allowed` on
+        `weights` alone."""
         labels = [self.label(c) for c in allowed] if allowed is not None else list(self.sqnr)
+        labels = [x for label in labels for x in (label, f"{label}/bc")]  # the bias-corrected twin
         labels = [label for label in dict.fromkeys(labels) if label in self.sqnr]
         if not labels:
             raise InvalidArgumentError(f"layer {self.name!r} was measured under none of the allowed settings.")
 
         def merit(label: str) -> float:
-            config = self.settings[label]
-            cost = (SMOOTH_COST_DB if config.smooth else 0.0) + (SYMMETRIC_COST_DB if config.symmetric else 0.0)
-            return min(self.sqnr[label], ENOUGH_SQNR_DB) - cost
+            return min(self.sqnr[label], ENOUGH_SQNR_DB) - self.cost(self.settings[label])
 
         return self.settings[max(labels, key=merit)]
+
+    def recovery(self, config: LayerConfig) -> dict[str, Any]:
+        """What kept this layer's error down under `config`, in dB of output SQNR: SmoothQuant
+        (against the best unsmoothed setting) and bias correction (against the same setting
+        uncorrected)."""
+        found: dict[str, Any] = {}
+        if not config.int8 or self.weight_only:
+            return found
+        if config.smooth:
+            plain = [v for label, v in self.sqnr.items() if not self.settings[label].smooth]
+            found["smoothquant"] = {"alpha": config.smooth, "gain_db": _gain(self.sqnr_of(config), max(plain, default=None))}
+        if config.bias_correction:
+            twin = self.sqnr.get(self.label(replace(config, bias_correction=False)))
+            found["bias_correction"] = {"gain_db": _gain(self.sqnr_of(config), twin)}
+        return found
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -156,6 +189,10 @@ class LayerReport:
         return {"seconds": round(self.seconds, 3), "layers": [e.to_dict() for e in self.layers.values()]}
 
 
+def _gain(db: float, before: float | None) -> float | None:
+    return round(db - before, 3) if before is not None and math.isfinite(db) and math.isfinite(before) else None
+
+
 def _sum_of_squares(t: torch.Tensor) -> float:
     # float32 elementwise, float64 accumulation: as exact as a double copy, at a fraction of the cost
     return float(torch.linalg.vector_norm(t, dtype=torch.float64) ** 2)
@@ -169,45 +206,46 @@ def _subsample(x: torch.Tensor, module: nn.Module, max_rows: int) -> torch.Tenso
     return x[:samples] if x.dim() > module.weight.dim() - 1 else x
 
 
-@torch.no_grad()
-def layer_report(
-    model: nn.Module,
-    calibration: Calibration,
-    settings: Sequence[LayerConfig] | None = None,
-    max_batches: int | None = None,
-    max_rows: int = 256,
-) -> LayerReport:
-    """Measure each layer's output SQNR under each setting over the calibration batches.
+@dataclass
+class _Sums:
+    """One layer's accumulators over the calibration rows it saw."""
 
-    Each layer sees at most `max_rows` input rows per batch (tokens for a Linear, samples for a
-    convolution): SQNR is a ratio of sums, and a subsample estimates it well at a fraction of the
-    cost of running every setting on every row."""
-    settings = list(settings) if settings is not None else all_settings()
-    model = calibration.prepare(model)  # BatchNorms folded, as calibrated
-    modules = {n: m for n, m in quantizable_layers(model).items() if n in calibration.layers}
-    layer_settings = {name: _settings_of(m, calibration.layers[name].weight_only, settings) for name, m in modules.items()}
-    variants: dict[str, list[tuple[str, QuantizedLayer]]] = {}
-    for name, module in modules.items():
-        weight_only = calibration.layers[name].weight_only
-        variants[name] = [
-            (config.setting(weight_only), quantized_layer(module, name, config, calibration))
-            for config in layer_settings[name]
-        ]
-    signal = {name: 0.0 for name in modules}
-    noise = {name: {label: 0.0 for label, _ in variants[name]} for name in modules}
+    signal: float = 0.0
+    rows: int = 0  # output rows (tokens, or positions x samples) per output channel
+    noise: dict[str, float] = field(default_factory=dict)  # label -> sum of squared error
+    shift: dict[str, torch.Tensor] = field(default_factory=dict)  # label -> per-channel sum of the error
+
+
+@torch.no_grad()
+def _measure(model: nn.Module, calibration: Calibration, layer_settings: dict[str, list[LayerConfig]],
+             max_batches: int | None, max_rows: int) -> dict[str, _Sums]:
+    """One pass over the calibration batches: per layer and setting, the squared output error and
+    its per-output-channel sum when that layer alone is INT8 (`model` as calibrated)."""
+    modules = {n: m for n, m in quantizable_layers(model).items() if n in layer_settings}
+    variants = {
+        name: [(config.setting(calibration.layers[name].weight_only), quantized_layer(module, name, config, calibration))
+               for config in layer_settings[name]]
+        for name, module in modules.items()
+    }
+    sums = {name: _Sums() for name in modules}
 
     def measure(name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = _subsample(args[0], module, max_rows)
         ref = module.forward(x, *args[1:], **kwargs).float()  # .forward: no hooks, no recursion
-        signal[name] += _sum_of_squares(ref)
+        acc, axis = sums[name], (-1 if isinstance(module, (nn.Linear, nn.Embedding)) else 1)
+        acc.signal += _sum_of_squares(ref)
+        acc.rows += ref.numel() // ref.shape[axis]
         for label, qlayer in variants[name]:
-            noise[name][label] += _sum_of_squares(ref - qlayer(x, *args[1:], **kwargs).float())
+            diff = qlayer(x, *args[1:], **kwargs).float() - ref
+            acc.noise[label] = acc.noise.get(label, 0.0) + _sum_of_squares(diff)
+            if not calibration.layers[name].weight_only:
+                total = diff.movedim(axis, -1).reshape(-1, diff.shape[axis]).sum(0, dtype=torch.float64)
+                acc.shift[label] = acc.shift[label] + total if label in acc.shift else total
 
     hooks = [
         m.register_forward_pre_hook(lambda mod, a, kw, n=name: measure(n, mod, a, kw), with_kwargs=True)
         for name, m in modules.items()
     ]
-    start = time.perf_counter()
     was_training = model.training
     model.eval()
     try:
@@ -217,14 +255,77 @@ def layer_report(
         for h in hooks:
             h.remove()
         model.train(was_training)
+    return sums
+
+
+def _db(signal: float, noise: float) -> float:
+    return math.inf if noise <= 0 else (-math.inf if signal == 0 else 10 * math.log10(signal / noise))
+
+
+def measure_shifts(model: nn.Module, calibration: Calibration, wanted: dict[str, list[LayerConfig]],
+                   max_batches: int | None = None, max_rows: int = 256) -> None:
+    """Measure the output shifts bias correction needs for the (layer, setting) pairs in `wanted`
+    that `layer_report` has not measured (a plan written by hand or loaded from a file)."""
+    wanted = {name: [replace(c, bias_correction=False) for c in configs if calibration.bias_shift(name, c) is None]
+              for name, configs in wanted.items()}
+    wanted = {name: configs for name, configs in wanted.items() if configs}
+    if not wanted:
+        return
+    sums = _measure(calibration.prepare(model), calibration, wanted, max_batches, max_rows)
+    for name, acc in sums.items():
+        for label, total in acc.shift.items():
+            calibration.layers[name].output_shift[label] = (total / max(acc.rows, 1)).float()
+
+
+def layer_report(
+    model: nn.Module,
+    calibration: Calibration,
+    settings: Sequence[LayerConfig] | None = None,
+    max_batches: int | None = None,
+    max_rows: int = 256,
+) -> LayerReport:
+    """Measure each layer's output SQNR under each setting over the calibration batches, and the
+    same with bias correction: the mean output shift per output channel that a setting causes is
+    measured in the same pass (kept in `calibration.layers[name].output_shift`, for `apply_plan`),
+    and removing it leaves the error's variance (sum of squares less rows x squared means).
+
+    Each layer sees at most `max_rows` input rows per batch (tokens for a Linear, samples for a
+    convolution): SQNR is a ratio of sums, and a subsample estimates it well at a fraction of the
+    cost of running every setting on every row."""
+    settings = [c for c in (settings if settings is not None else all_settings()) if not c.bias_correction]
+    model = calibration.prepare(model)  # BatchNorms folded, as calibrated
+    modules = {n: m for n, m in quantizable_layers(model).items() if n in calibration.layers}
+    layer_settings = {name: _settings_of(m, calibration.layers[name].weight_only, settings) for name, m in modules.items()}
+    start = time.perf_counter()
+    sums = _measure(model, calibration, layer_settings, max_batches, max_rows)
     layers = {}
     for name in modules:
-        info = calibration.layers[name]
-        errors = LayerErrors(name, info.kind, info.macs, info.params, weight_only=info.weight_only)
+        info, acc = calibration.layers[name], sums[name]
+        errors = LayerErrors(name, info.kind, info.macs, info.params, weight_only=info.weight_only,
+                             smooth_cost_db=smooth_cost_db(calibration, name))
         for config in layer_settings[name]:
             label = errors.label(config)
-            n, s = noise[name][label], signal[name]
-            errors.sqnr[label] = math.inf if n == 0 else (-math.inf if s == 0 else 10 * math.log10(s / n))
-            errors.settings[label] = config
+            errors.sqnr[label], errors.settings[label] = _db(acc.signal, acc.noise[label]), config
+        for config in layer_settings[name]:
+            label = errors.label(config)
+            if label not in acc.shift:
+                continue
+            mean = acc.shift[label] / max(acc.rows, 1)
+            info.output_shift[label] = mean.float()
+            corrected = replace(config, bias_correction=True)
+            noise = max(acc.noise[label] - acc.rows * float(torch.sum(mean * mean)), 0.0)
+            errors.sqnr[errors.label(corrected)], errors.settings[errors.label(corrected)] = _db(acc.signal, noise), corrected
         layers[name] = errors
     return LayerReport(layers, calibration, time.perf_counter() - start)
+
+
+def smooth_cost_db(calibration: Calibration, name: str) -> float:
+    """What smoothing layer `name`'s input costs at run time, in dB it must gain: nothing where the
+    factors fold into the producing op, `SMOOTH_COST_DB` where the Div would sit after a
+    convolution's output (or the graph is unknown), else `SMOOTH_DIV_COST_DB`."""
+    graph = calibration.graph
+    if name in getattr(calibration, "smooth_folds", {}):
+        return 0.0
+    if graph is None or any(name in out.consumers for out in graph.conv_outputs.values()):
+        return SMOOTH_COST_DB
+    return SMOOTH_DIV_COST_DB

@@ -4,7 +4,9 @@
    and nothing can beat a met full-INT8 plan: the search stops after one evaluation.
 2. Otherwise the most sensitive layers fall back to FP32: 1, 2, 4, ... layers until the budget
    is met, then bisection between the last miss and the first hit finds the fewest.
-3. Then a few alternative global settings with one layer fewer in FP32, and finally Optuna's
+3. Then a few alternative global settings with one layer fewer in FP32; a setting that meets the
+   budget with slack (at most half of it used) is tried with fewer FP32 layers (none first, then
+   bisection) before anything else, and finally Optuna's
    TPE sampler over the whole space, until `patience` trials bring no better plan (a space of one
    INT8 setting has nothing to sample: a plan there is its fallback count).
 
@@ -32,8 +34,10 @@ WAIT = "wait"  # every useful point is being evaluated by another worker: wait f
 
 
 class Strategy:
-    def __init__(self, space: SearchSpace, n_layers: int, key_of: Callable[[dict[str, Any]], str], patience: int = 4):
+    def __init__(self, space: SearchSpace, n_layers: int, key_of: Callable[[dict[str, Any]], str], patience: int = 4,
+                 slack: float = 0.0):
         self.space = space
+        self.slack = slack  # a met plan whose drop is at most this left room: try its settings with fewer FP32 layers
         self.n = n_layers
         self._key_of = key_of
         self._keys: dict[tuple[Any, ...], str] = {}
@@ -46,16 +50,41 @@ class Strategy:
             self._keys[memo] = self._key_of(point)
         return self._keys[memo]
 
-    def _alternatives(self, fallback: int) -> list[dict[str, Any]]:
-        """Different global settings at one fallback count: the measured best is not always the
+    def _alternative_settings(self) -> list[dict[str, Any]]:
+        """Different global settings (overrides of a point): the measured best is not always the
         best for the metric."""
-        points = []
+        found: list[dict[str, Any]] = [{}]  # the measured best itself (its fewest count is bisected first)
         if self.space.smooth:
-            points.append(self.space.point(fallback, smooth=False))
+            found.append({"smooth": False})
         for method in ("mse", "percentile-99.999", "entropy"):
             if method in self.space.activation:
-                points.append(self.space.point(fallback, activation=method, smooth=False))
-        return points
+                found.append({"activation": method, "smooth": False})
+        return found
+
+    def _alternatives(self, fallback: int) -> list[dict[str, Any]]:
+        return [self.space.point(fallback, **o) for o in self._alternative_settings()[1:]]
+
+    def _fewer_fp32(self, outcome: Callable[[dict[str, Any]], Outcome | None],
+                    pending: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+        """A setting whose fewest met fallback count k > 0 met with slack (drop <= `slack`), at
+        fewer FP32 layers: none first, then bisection between its last miss (or pending) and k."""
+        for overrides in self._alternative_settings():
+            states: dict[int, Outcome | None] = {}  # None: pending
+            for k in range(self.n):
+                point = self.space.point(k, **overrides)
+                found = outcome(point)
+                if found is not None and found.state in ("COMPLETE", "FAIL"):
+                    states[k] = found
+                elif found is None and pending(point):
+                    states[k] = None
+            met = [k for k, o in states.items() if o is not None and o.met and o.state == "COMPLETE"]
+            if not met or min(met) == 0 or states[min(met)].drop > self.slack:
+                continue
+            hi = min(met)
+            lo = max((k for k, o in states.items() if k < hi), default=-1)  # missed, failed or pending
+            if hi - lo > 1:
+                return self.space.point(0 if lo < 0 else (lo + hi) // 2, **overrides)
+        return None
 
     def next_point(self, known: Mapping[str, Outcome], running: Collection[str] = ()) -> dict[str, Any] | str | None:
         """The next point to evaluate, SAMPLE for the sampler, WAIT while only points that other
@@ -89,6 +118,9 @@ class Strategy:
         for point in self._alternatives(max(fewest - 1, 0)):
             if outcome(point) is None and not pending(point):
                 return point
+        retry = self._fewer_fp32(outcome, pending)
+        if retry is not None:
+            return retry
         if running:  # a pending point may still change the best plan: sample only once it is known
             if any(state == "pending" for k, state in counts.items() if k < fewest) or any(
                     pending(p) for p in self._alternatives(max(fewest - 1, 0))):

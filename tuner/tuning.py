@@ -127,7 +127,8 @@ class _Tuning:
         self.log(f"[quanttune] {'calibrated' if here else 'loaded the calibration of'} {len(self.calib.layers)} "
                  f"layers ({self.calib.seconds:.2f}s), error report ({self.report.seconds:.2f}s)")
         self.n_candidates = sum(1 for n in self.report.layers if n not in self.space.exclude)
-        self.strategy = Strategy(self.space, self.n_candidates, lambda p: self.make_plan(p)[0].key())
+        self.strategy = Strategy(self.space, self.n_candidates, lambda p: self.make_plan(p)[0].key(),
+                                 slack=self.budget.max_drop / 2)
         self.known: dict[str, Outcome] = stored_outcomes(self.study, self.budget)
         _remember(self.plans, self.known)
 

@@ -88,3 +88,36 @@ def test_a_met_plan_as_int8_as_the_full_one_ends_the_search():
     assert alternative == space.point(0, activation="mse", smooth=False)
     known[key(alternative)] = Outcome(9, "COMPLETE", key(alternative), 1.0, 0.0, 1.0, True, None, 1.0, 0.0)
     assert strategy.next_point(known) is None
+
+
+def test_a_setting_that_met_with_slack_is_tried_with_fewer_fp32_layers():
+    """Issue 16: the fallback met with 3 FP32 layers and an alternative setting met at 2 with much
+    of the budget left: that setting is tried with none in FP32, then bisected, before sampling."""
+    space = SearchSpace.from_dict({**NAIVE.to_dict(), "activation": ["max", "mse"]})
+    strategy = Strategy(space, 8, key, slack=0.005)
+
+    def outcome(point, number, drop, met):
+        return {key(point): Outcome(number, "COMPLETE", key(point), 1.0, drop, 1 - point["fallback"] / 8, met,
+                                    None, 1.0, 0.0)}
+
+    known = {}
+    for number, k in enumerate((0, 1, 2, 4, 3)):  # the measured best meets from 3 FP32 layers on
+        known |= outcome(space.point(k), number, 0.002 if k >= 3 else 0.02, k >= 3)
+    assert strategy.next_point(known) == space.point(2, activation="mse", smooth=False)  # one fewer
+    known |= outcome(space.point(2, activation="mse", smooth=False), 5, -0.01, True)  # met, lots of slack
+    assert strategy.next_point(known) == space.point(0, activation="mse", smooth=False)  # none in FP32 first
+    known |= outcome(space.point(0, activation="mse", smooth=False), 6, 0.02, False)
+    assert strategy.next_point(known) == space.point(1, activation="mse", smooth=False)  # then bisection
+    known |= outcome(space.point(1, activation="mse", smooth=False), 7, 0.004, True)
+    assert strategy.next_point(known) == SAMPLE  # 1 FP32 layer is the fewest for mse
+
+
+def test_a_setting_that_met_without_slack_is_not_retried():
+    space = SearchSpace.from_dict({**NAIVE.to_dict(), "activation": ["max", "mse"]})
+    strategy = Strategy(space, 8, key, slack=0.005)
+    known = {}
+    runs = [(0, {}, 0.02), (1, {}, 0.02), (2, {}, 0.009), (1, {"activation": "mse", "smooth": False}, 0.009)]
+    for number, (k, overrides, drop) in enumerate(runs):
+        point = space.point(k, **overrides)
+        known[key(point)] = Outcome(number, "COMPLETE", key(point), 1.0, drop, 1 - k / 8, drop <= 0.01, None, 1.0, 0.0)
+    assert strategy.next_point(known) == SAMPLE  # mse met at 1 with little room: not tried at 0
