@@ -59,7 +59,7 @@ from tuner import LayerConfig, Plan, apply_plan, calibrate, export_onnx, load_on
 from tuner.examples.vision import build_model, digits_data, train_on_digits  # noqa: E402
 from tuner import onnx_kernels  # noqa: E402
 from tuner.batches import batch_size  # noqa: E402
-from tuner.deployment import first_samples  # noqa: E402
+from tuner.batches import first_samples  # noqa: E402
 from tuner.onnx_runtime import latency, session_options  # noqa: E402
 
 BENCH = pathlib.Path(os.environ.get("QUANTTUNE_BENCH_DIR", ROOT.parent / "shared" / "bench"))

@@ -27,6 +27,7 @@ from .errors import (
 from .options import TuneOptions
 
 if TYPE_CHECKING:
+    from .apply import apply_plan
     from .calibrate import Calibration, calibrate, quantizable_layers
     from .deployment import Deployment, check_deployment
     from .histogram import METHODS, TensorStats
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from .onnx_runtime import load_onnx
     from .plan import FP32, LayerConfig, Plan
     from .pt2_archive import export_model, load_exported
-    from .qmodules import QuantizedLayer, apply_plan
+    from .qmodules import QuantizedLayer
     from .report import LayerReport, layer_report
     from .result import TuneResult
     from .space import SearchSpace
@@ -50,7 +51,7 @@ _LAZY = {
     "load_onnx": "onnx_runtime",
     "FP32": "plan", "LayerConfig": "plan", "Plan": "plan",
     "export_model": "pt2_archive", "load_exported": "pt2_archive",
-    "QuantizedLayer": "qmodules", "apply_plan": "qmodules",
+    "QuantizedLayer": "qmodules", "apply_plan": "apply",
     "LayerReport": "report", "layer_report": "report",
     "TuneResult": "result",
     "SearchSpace": "space",

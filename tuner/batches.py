@@ -60,3 +60,20 @@ def batch_size(batch: Any) -> int:
         if isinstance(item, torch.Tensor) and item.dim():
             return item.shape[0]
     return 1
+
+
+def first_samples(batch: Any, n: int) -> Any:
+    """The first `n` samples of a batch (a tensor, a tuple/list of positional inputs or a dict of
+    keyword inputs): every tensor whose leading dimension is the batch size is sliced."""
+    size = batch_size(batch)
+
+    def take(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == size:
+            return value[:n]
+        return value
+
+    if isinstance(batch, Mapping):
+        return {k: take(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(take(v) for v in batch)
+    return take(batch)

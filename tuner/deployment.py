@@ -25,10 +25,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
-from .batches import batch_size
+from .batches import batch_size, first_samples
 from .calibrate import Calibration
 from .errors import InvalidArgumentError
 from .onnx_kernels import KernelCheck, check_kernels
@@ -167,23 +166,6 @@ class Deployment:
         return cls(KernelCheck.from_dict(data["kernels"]) if data.get("kernels") else None,
                    LatencyTable.from_dict(data["latency"]) if data.get("latency") else None,
                    dict(data.get("errors") or {}), data.get("seconds", 0.0))
-
-
-def first_samples(batch: Any, n: int) -> Any:
-    """The first `n` samples of a batch (a tensor, a tuple/list of positional inputs or a dict of
-    keyword inputs): every tensor whose leading dimension is the batch size is sliced."""
-    size = batch_size(batch)
-
-    def take(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == size:
-            return value[:n]
-        return value
-
-    if isinstance(batch, Mapping):
-        return {k: take(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(take(v) for v in batch)
-    return take(batch)
 
 
 def evaluate_deployed(evaluate: Callable[[nn.Module], Any],

@@ -203,8 +203,6 @@ def _analyse(program: torch.export.ExportedProgram, layers: set[str], model: nn.
     result.joins = _joins(graph, scopes, out_node)
     _direct_inputs(graph, scopes, params, layers, result)
     _moved_sites(graph, scopes, result)
-    from .smoothing import fold_candidates  # it reads this module's op tables
-
     result.smooth_producers = fold_candidates(graph, params, {n: c[0] for n, c in layer_nodes.items() if len(c) == 1})
     return result
 
@@ -369,3 +367,53 @@ def fold_batchnorm(model: nn.Module, folds: dict[str, str]) -> nn.Module:
         _drop_batchnorm(folded, bn_name)
     return folded.eval()
 
+
+# -- producers a SmoothQuant factor can be folded into (tuner.smoothing applies the folds) ----------
+
+# ops whose output channel c depends on channel c of one argument alone, positively homogeneously
+# (op -> the index of that argument); `select`/`slice` along the channel axis are caught by the check
+_CARRY = {**{op: 0 for op in (MOVE_OPS | FUSABLE_OPS) - {"getitem"}}, "scaled_dot_product_attention": 2,
+          "matmul": 1, "bmm": 1}
+# A convolution's output may be quantized for its own INT8 kernel (`Calibration.output_sites`) with a
+# range measured before the fold: convolutions keep the Div for now.
+_PRODUCERS = {"linear", "layer_norm"}
+
+
+def fold_candidates(graph: torch.fx.Graph, params: dict[str, str], calls: dict[str, torch.fx.Node]) -> dict[str, str]:
+    """For each layer (its one call node in `calls`): the module producing its input when only
+    that layer reads the producer's output, through channel-carrying ops."""
+    found = {}
+    for layer, call in calls.items():
+        producer, path = _producer(call.args[0] if call.args else None, params)
+        if producer is not None and _only_reader(path[-1], call, set(path)):
+            found[layer] = producer
+    return found
+
+
+def _producer(node: Any, params: dict[str, str]) -> tuple[str | None, list[torch.fx.Node]]:
+    path = []
+    while isinstance(node, torch.fx.Node) and node.op == "call_function":
+        path.append(node)
+        op = op_name(node)
+        if op in _PRODUCERS:
+            weight = node.args[2] if op == "layer_norm" else node.args[1]
+            name = params.get(weight.name, "") if isinstance(weight, torch.fx.Node) else ""
+            return (name[: -len(".weight")] if name.endswith(".weight") else None), path
+        if op not in _CARRY or len(node.args) <= _CARRY[op]:
+            break
+        node = node.args[_CARRY[op]]
+    return None, path
+
+
+def _only_reader(producer: torch.fx.Node, call: torch.fx.Node, path: set[torch.fx.Node]) -> bool:
+    """Whether every use of `producer`'s output goes along `path` into `call`'s data input."""
+    todo = [producer]
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            if user is call and call.args[0] is node:
+                continue
+            if user not in path or op_name(user) not in _CARRY or user.args[_CARRY[op_name(user)]] is not node:
+                return False
+            todo.append(user)
+    return True

@@ -52,7 +52,8 @@ from .errors import ExportError, InvalidArgumentError, InvalidPlanError
 from .export_errors import export_failure, torch_output
 from .onnx_io import FlatModel, InputSpec, flatten_output
 from .plan import Plan
-from .qmodules import QuantizedLayer, apply_plan
+from .apply import apply_plan
+from .qmodules import QuantizedLayer
 from .qdq_ops import qdq_ops, translations
 from .quant import quantize
 

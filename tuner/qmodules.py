@@ -1,4 +1,4 @@
-"""Simulated INT8 layers and `apply_plan`, which builds a new model from a plan.
+"""Simulated INT8 layers and output quantizers (`tuner.apply.apply_plan` builds a model from them).
 
 A `QuantizedLayer` quantize-dequantizes its input with the plan's activation parameters and runs
 the wrapped layer with quantize-dequantized weights: the numbers an INT8 runtime computes with.
@@ -10,17 +10,16 @@ is None).
 from __future__ import annotations
 
 import copy
-import dataclasses
+
 
 import torch
 from torch import nn
 
 from .calibrate import Calibration
 from .errors import InvalidPlanError
-from .plan import LayerConfig, Plan
+from .plan import LayerConfig
 from .qdq_ops import qdq_ops
 from .quant import QParams
-from .smoothing import scale_output_channels
 
 
 class QuantizedLayer(nn.Module):
@@ -118,52 +117,3 @@ def quantized_layer(module: nn.Module, name: str, config: LayerConfig, calibrati
             raise InvalidPlanError(f"layer {name!r}: the output shift for bias correction under "
                                    f"{config.setting()} was not measured (layer_report or apply_plan measure it).")
     return QuantizedLayer(module, config, act, wqp, fake_weight, divisor, shift)
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
-def apply_plan(model: nn.Module, plan: Plan, calibration: Calibration, *, share_weights: bool = False) -> nn.Module:
-    """A new model running `plan`: INT8 layers simulated, every other layer untouched FP32.
-
-    BatchNorms are folded into their convolutions as in calibration, and the tensors the INT8
-    runtime needs quantized beyond layer inputs (`Calibration.output_sites`) are quantized where
-    a module returns them. The caller's `model` is never modified. With `share_weights=True` the new model shares the
-    caller's FP32 parameter tensors instead of copying them (fast; for throw-away trial models).
-    """
-    calibration.check_plan(plan)
-    from .report import measure_shifts  # the report builds on this module
-
-    measure_shifts(model, calibration, {n: [c] for n, c in plan.layers.items() if c.int8 and c.bias_correction})
-    base = calibration.prepare(model)  # BatchNorms folded, as calibrated
-    memo = {id(p): p for p in base.parameters()} if share_weights else {}
-    new = copy.deepcopy(base, memo)
-    sites = calibration.output_sites(plan)
-    for name in plan.int8_layers:
-        act = calibration.shared_input(name, plan, sites)
-        _set_submodule(new, name, quantized_layer(new.get_submodule(name), name, plan.layers[name], calibration, act))
-    for name in plan.int8_layers:
-        if plan.layers[name].smooth and name in calibration.smooth_folds:
-            _fold_smoothing(new, name, calibration.smooth_folds[name])
-    for site, why in sites.items():
-        quantize_output(new.get_submodule(site), calibration.tensor_qparams(site, plan), why)
-    return new.eval()
-
-
-def _fold_smoothing(model: nn.Module, name: str, producer: str) -> None:
-    """Move layer `name`'s SmoothQuant Div into the op producing its input (`tuner.smoothing`):
-    that op's output channels are divided by the factors instead. An INT8 producer folds only with
-    per-channel weights (its codes stay the same, its scales are divided); else the Div stays."""
-    layer, target = model.get_submodule(name), model.get_submodule(producer)
-    factors = layer.input_divisor
-    if isinstance(target, QuantizedLayer):
-        wqp = target.weight_qparams
-        if target.weight_only or wqp.axis != 0 or not scale_output_channels(target.layer, factors):
-            return
-        target.weight_qparams = dataclasses.replace(wqp, scale=wqp.scale / factors)
-    elif not scale_output_channels(target, factors):
-        return
-    layer.input_divisor = None
-    layer.folded_into = producer

@@ -17,7 +17,7 @@ from torch import nn
 from .batches import call_model, output_tensors
 from .calibrate import Calibration
 from .plan import Plan
-from .qmodules import apply_plan
+from .apply import apply_plan
 
 
 @torch.no_grad()

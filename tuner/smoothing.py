@@ -6,7 +6,7 @@ reshapes, an attention's value path) and nothing else reads that output, dividin
 weight and bias per output channel by `s` gives the layer `x / s` directly: the deployed graph
 holds no Div, and the layer's QuantizeLinear reads the producer's output as before.
 
-`fold_candidates` finds such producers in the torch.export graph; `verify_folds` checks them on
+`tuner.graph.fold_candidates` finds such producers in the torch.export graph; `verify_folds` checks them on
 one calibration batch (scale the producer by 1/s and the layer's weight columns by s for random s:
 the model's output must not change), so a path the graph walk misjudges is simply not folded.
 """
@@ -19,58 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batches import call_model, output_tensors
-from .graph import FUSABLE_OPS, MOVE_OPS, op_name
+from .batches import call_model, first_samples, output_tensors
 
-# ops whose output channel c depends on channel c of one argument alone, positively homogeneously
-# (op -> the index of that argument); `select`/`slice` along the channel axis are caught by the check
-_CARRY = {**{op: 0 for op in (MOVE_OPS | FUSABLE_OPS) - {"getitem"}}, "scaled_dot_product_attention": 2,
-          "matmul": 1, "bmm": 1}
-# A convolution's output may be quantized for its own INT8 kernel (`Calibration.output_sites`) with a
-# range measured before the fold: convolutions keep the Div for now.
-_PRODUCERS = {"linear", "layer_norm"}
 FOLD_TOLERANCE = 1e-4  # relative change of the model output that still counts as "unchanged"
 VERIFY_SAMPLES = 4  # the check runs on this many samples of one batch: no second pass over the data
-
-
-def fold_candidates(graph: torch.fx.Graph, params: dict[str, str], calls: dict[str, torch.fx.Node]) -> dict[str, str]:
-    """For each layer (its one call node in `calls`): the module producing its input when only
-    that layer reads the producer's output, through channel-carrying ops."""
-    found = {}
-    for layer, call in calls.items():
-        producer, path = _producer(call.args[0] if call.args else None, params)
-        if producer is not None and _only_reader(path[-1], call, set(path)):
-            found[layer] = producer
-    return found
-
-
-def _producer(node: Any, params: dict[str, str]) -> tuple[str | None, list[torch.fx.Node]]:
-    path = []
-    while isinstance(node, torch.fx.Node) and node.op == "call_function":
-        path.append(node)
-        op = op_name(node)
-        if op in _PRODUCERS:
-            weight = node.args[2] if op == "layer_norm" else node.args[1]
-            name = params.get(weight.name, "") if isinstance(weight, torch.fx.Node) else ""
-            return (name[: -len(".weight")] if name.endswith(".weight") else None), path
-        if op not in _CARRY or len(node.args) <= _CARRY[op]:
-            break
-        node = node.args[_CARRY[op]]
-    return None, path
-
-
-def _only_reader(producer: torch.fx.Node, call: torch.fx.Node, path: set[torch.fx.Node]) -> bool:
-    """Whether every use of `producer`'s output goes along `path` into `call`'s data input."""
-    todo = [producer]
-    while todo:
-        node = todo.pop()
-        for user in node.users:
-            if user is call and call.args[0] is node:
-                continue
-            if user not in path or op_name(user) not in _CARRY or user.args[_CARRY[op_name(user)]] is not node:
-                return False
-            todo.append(user)
-    return True
 
 
 def scale_output_channels(module: nn.Module, factors: torch.Tensor) -> bool:
@@ -100,8 +52,6 @@ def verify_folds(model: nn.Module, candidates: dict[str, str], batch: Any, seed:
     `batch` (random factors in [0.5, 2]); all at once first, one by one only when that fails."""
     if not candidates:
         return {}
-    from .deployment import first_samples  # it builds on calibration
-
     batch = first_samples(batch, VERIFY_SAMPLES)
     reference = output_tensors(call_model(model, batch))
     generator = torch.Generator().manual_seed(seed)

@@ -23,7 +23,7 @@ from .ledger import build_ledger
 from .options import TuneOptions
 from .plan import Plan
 from .prepared import MemoryStore, SharedStore, dump_ranking, load_ranking, once
-from .qmodules import apply_plan
+from .apply import apply_plan
 from .result import TuneResult, reason_of, trial_rows, verify
 from .search import SAMPLE, WAIT, Strategy
 from .sensitivity import rank_layers

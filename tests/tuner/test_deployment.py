@@ -13,7 +13,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from tuner import FP32, LayerConfig, Plan, calibrate, export_onnx, tune
-from tuner.deployment import Deployment, LatencyRow, LatencyTable, check_deployment, first_samples, measure_latency
+from tuner.batches import first_samples
+from tuner.deployment import Deployment, LatencyRow, LatencyTable, check_deployment, measure_latency
 from tuner.examples import digits
 from tuner.onnx_kernels import KernelCheck, check_kernels
 
