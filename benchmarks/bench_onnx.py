@@ -73,7 +73,7 @@ VISION = {  # case -> (architecture in tuner.examples.vision at torchvision's fu
     "resnet18": ("resnet18", {"epochs": 4, "lr": 3e-3}),
     "mobilenet_v2": ("mobilenet_v2", {"epochs": 6, "lr": 1e-2}),
     "mobilenet_v3_small": ("mobilenet_v3_small", {"epochs": 15, "lr": 3e-3}),  # 6 epochs at 1e-2: 80% only
-    "efficientnet_b0": ("efficientnet_b0", {"epochs": 6, "lr": 1e-2}),
+    "efficientnet_b0": ("efficientnet_b0", {"epochs": 15, "lr": 3e-3}),  # 6 epochs at 1e-2: 90% only
     "densenet121": ("densenet", {"epochs": 4, "lr": 3e-3}),
     "shufflenet_v2": ("shufflenet_v2", {"epochs": 6, "lr": 1e-2}),
 }
