@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .calibrate import Calibration
+from .functional import hook_functional
 from .plan import LayerConfig, Plan
 from .qdq_ops import qdq_ops
 from .quant import QParams
@@ -82,6 +83,12 @@ class OutputQuantizer:
         self.why = why
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return self.quantize(output)
+
+    def quantize(self, output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The quantize-dequantized tensor (each piece, with one scale, for a split's pieces)."""
+        if isinstance(output, (tuple, list)):
+            return type(output)(self.quantize(t) for t in output)
         return qdq_ops()["qdq"](output, self.scale, self.zero_point, self.qparams.qmin, self.qparams.qmax)
 
     def __repr__(self) -> str:
@@ -127,6 +134,15 @@ def apply_plan(model: nn.Module, plan: Plan, calibration: Calibration, *, share_
     for name in plan.int8_layers:
         act = calibration.shared_input(name, plan, sites)
         _set_submodule(new, name, quantized_layer(new.get_submodule(name), name, plan.layers[name], calibration, act))
+    functional = calibration.graph.functional if calibration.graph is not None else {}
+    quantizers = {}
     for site, why in sites.items():
-        quantize_output(new.get_submodule(site), calibration.tensor_qparams(site, plan), why)
+        if site in functional:  # a functional call's result in a module's own code (`tuner.functional`)
+            quantizers[site] = OutputQuantizer(calibration.tensor_qparams(site, plan), why)
+        else:
+            quantize_output(new.get_submodule(site), calibration.tensor_qparams(site, plan), why)
+    hook_functional(new, functional, {site: q.quantize for site, q in quantizers.items()})
+    for site, quantizer in quantizers.items():  # shown on the module whose code makes the call
+        owner = new.get_submodule(functional[site][0])
+        owner.functional_quantizers = {**getattr(owner, "functional_quantizers", {}), site: quantizer}
     return new.eval()
