@@ -123,6 +123,9 @@ class Calibration:
                 quantized.add(join.node)
                 for site in sites:
                     active.setdefault(site, f"{'input' if site != join.output else 'output'} of {join.op} {join.node}")
+        for site, precision in plan.tensors.items():  # data moved from a tensor the plan keeps float stays float
+            if precision == "fp32":
+                active.pop(site, None)
         for site, source in graph.moves.items():  # in graph order: data movement between quantized tensors
             if source in active and site in self.tensors:
                 active.setdefault(site, f"moves data of {source} (one scale: ONNX Runtime moves uint8 data)")

@@ -110,7 +110,7 @@ class ModelGraph:
 class _Scopes:
     """Module-call scopes of an exported graph: which module call returns which tensor."""
 
-    def __init__(self, graph: torch.fx.Graph):
+    def __init__(self, graph: torch.fx.Graph, functional: bool = True):
         self.members: dict[str, set[torch.fx.Node]] = defaultdict(set)
         self.path: dict[str, str] = {}
         for node in graph.nodes:
@@ -126,7 +126,7 @@ class _Scopes:
         self._calls_in: dict[tuple[str, str], set[torch.fx.Node]] = defaultdict(set)  # (scope, torch_fn id)
         names: dict[tuple[str, str], tuple[str, str, int]] = {}  # call -> (module, function, occurrence)
         counts: dict[tuple[str, str], int] = defaultdict(int)
-        for node in graph.nodes:
+        for node in graph.nodes if functional else ():
             key, fn = self._call_of(node)
             if key is None:
                 continue
@@ -161,7 +161,7 @@ class _Scopes:
         """`<module>/<function>[_k]` when `node` is what a functional call in that module's own code
         returns (or one of the pieces of a split/chunk it returns)."""
         key, fn = self._call_of(node)
-        if key is None:
+        if key is None or (key, fn[0]) not in self._names:
             return None
         members = self._calls_in[(key, fn[0])]
         escaping = {n for n in members if any(u not in members for u in n.users)}
@@ -226,7 +226,9 @@ def read_graph(model: nn.Module, example: Any, layers: set[str]) -> ModelGraph |
 def _analyse(program: torch.export.ExportedProgram, layers: set[str], model: nn.Module) -> ModelGraph:
     graph = program.graph
     params = _param_names(program)
-    scopes = _Scopes(graph)
+    # a torch.export archive's GraphModule runs aten ops whose recorded `torch_fn` names are the
+    # original model's: no functional sites there
+    scopes = _Scopes(graph, functional=not isinstance(model, torch.fx.GraphModule))
     layer_nodes: dict[str, list[torch.fx.Node]] = defaultdict(list)
     for node in graph.nodes:
         name = _layer_of(node, params, layers)
