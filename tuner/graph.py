@@ -286,17 +286,21 @@ def _moved_sites(graph: torch.fx.Graph, scopes: _Scopes, params: dict[str, str],
 def _leads_to_int8(node: torch.fx.Node, params: dict[str, str], layers: set[str], joined: set[torch.fx.Node],
                    scopes: _Scopes, sites: set[str]) -> bool:
     """Whether `node`'s tensor reaches, through data movement only, a layer, a join or a site."""
+    return any(_layer_of(user, params, layers) is not None or user in joined or scopes.site_of(user) in sites
+               for user in _users_through_moves(node, params, layers))
+
+
+def _users_through_moves(node: torch.fx.Node, params: dict[str, str], layers: set[str]):
+    """Every node reading `node`'s tensor directly or through data movement (once each)."""
     todo, seen = list(node.users), set()
     while todo:
         user = todo.pop()
         if user in seen:
             continue
         seen.add(user)
-        if _layer_of(user, params, layers) is not None or user in joined or scopes.site_of(user) in sites:
-            return True
-        if op_name(user) in MOVE_OPS:
+        yield user
+        if _layer_of(user, params, layers) is None and op_name(user) in MOVE_OPS:
             todo.extend(user.users)
-    return False
 
 
 def _activated(node: torch.fx.Node) -> torch.fx.Node:
@@ -317,18 +321,11 @@ def _clips_at_zero(node: torch.fx.Node) -> bool:
 def _readers(node: torch.fx.Node, params: dict[str, str], layers: set[str]) -> tuple[list[str], list[str]]:
     """Quantizable layers that read `node`'s tensor (through data movement) and everything else."""
     consumers, others = [], []
-    todo, seen = list(node.users), set()
-    while todo:
-        user = todo.pop()
-        if user in seen:
-            continue
-        seen.add(user)
+    for user in _users_through_moves(node, params, layers):
         layer = _layer_of(user, params, layers)
         if layer is not None:
             consumers.append(layer)
-        elif op_name(user) in MOVE_OPS:
-            todo.extend(user.users)
-        else:
+        elif op_name(user) not in MOVE_OPS:
             others.append("graph output" if user.op == "output" else op_name(user))
     return consumers, others
 

@@ -235,16 +235,20 @@ def _float_data_movement(graph: onnx.GraphProto) -> list[str]:
             or n.op_type == "Concat" and any(producer.get(i) == "DequantizeLinear" for i in n.input)]
 
 
+def _calibrated(build):
+    torch.manual_seed(0)
+    model = _randomize_batchnorms(build())
+    batches = [torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    calib = calibrate(model, batches)
+    return model, batches, calib, layer_report(model, calib).best_plan()
+
+
 @pytest.mark.parametrize("build, concats", [(_tiny_shufflenet, 4), (_tiny_densenet, 5)], ids=["shufflenet", "densenet"])
 def test_concats_and_channel_shuffles_run_in_int8(build, concats, tmp_path):
     """torch.cat in a block's forward, the channel shuffle's view/transpose/view and the chunk that
     feeds the next Concat are quantized at functional sites (`<module>/cat`, ...): ONNX Runtime runs
     QLinearConcat and moves uint8 data between INT8 kernels, and computes what the simulation does."""
-    torch.manual_seed(0)
-    model = _randomize_batchnorms(build())
-    batches = [torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    calib = calibrate(model, batches)
-    plan = layer_report(model, calib).best_plan()
+    model, batches, calib, plan = _calibrated(build)
     sites = calib.output_sites(plan)
     assert calib.runs_float(plan) == {}
     assert sum(join.op == "cat" and join.output in sites for join in calib.graph.joins) == concats
@@ -260,11 +264,7 @@ def test_concats_and_channel_shuffles_run_in_int8(build, concats, tmp_path):
 
 
 def test_a_functional_site_is_shown_and_overridable_in_the_plan(tmp_path):
-    torch.manual_seed(0)
-    model = _randomize_batchnorms(_tiny_shufflenet())
-    batches = [torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    calib = calibrate(model, batches)
-    plan = layer_report(model, calib).best_plan()
+    model, batches, calib, plan = _calibrated(_tiny_shufflenet)
     sites = calib.output_sites(plan)
     assert sites["stage2.1/cat"] == "output of cat cat_1"
     assert sites["stage2.1/chunk"] == "input of cat cat_1"  # the half passed through untouched
