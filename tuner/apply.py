@@ -9,7 +9,8 @@ from torch import nn
 
 from .calibrate import Calibration
 from .plan import Plan
-from .qmodules import QuantizedLayer, quantize_output, quantized_layer
+from .functional import hook_functional
+from .qmodules import OutputQuantizer, QuantizedLayer, quantize_output, quantized_layer
 from .report import measure_shifts
 from .smoothing import scale_output_channels
 
@@ -39,9 +40,24 @@ def apply_plan(model: nn.Module, plan: Plan, calibration: Calibration, *, share_
     for name in plan.int8_layers:
         if plan.layers[name].smooth and name in calibration.smooth_folds:
             _fold_smoothing(new, name, calibration.smooth_folds[name])
-    for site, why in sites.items():
-        quantize_output(new.get_submodule(site), calibration.tensor_qparams(site, plan), why)
+    _quantize_outputs(new, plan, calibration, sites)
     return new.eval()
+
+
+def _quantize_outputs(model: nn.Module, plan: Plan, calibration: Calibration, sites: dict[str, str]) -> None:
+    """Quantize each site's tensor: on the module returning it, or, for a functional call's result
+    in a module's own code (`tuner.functional`), inside that call."""
+    functional = calibration.graph.functional if calibration.graph is not None else {}
+    quantizers = {}
+    for site, why in sites.items():
+        if site in functional:
+            quantizers[site] = OutputQuantizer(calibration.tensor_qparams(site, plan), why)
+        else:
+            quantize_output(model.get_submodule(site), calibration.tensor_qparams(site, plan), why)
+    hook_functional(model, functional, {site: q.quantize for site, q in quantizers.items()})
+    for site, quantizer in quantizers.items():  # shown on the module whose code makes the call
+        owner = model.get_submodule(functional[site][0])
+        owner.functional_quantizers = {**getattr(owner, "functional_quantizers", {}), site: quantizer}
 
 
 def _fold_smoothing(model: nn.Module, name: str, producer: str) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from .batches import as_batches, batch_size, call_model
 from .errors import CalibrationError, InvalidPlanError
+from .functional import hook_functional
 from .graph import ConvOutput, ModelGraph, fold_batchnorm, read_graph
 from .histogram import TensorStats
 from .plan import LayerConfig, Plan
@@ -128,6 +129,12 @@ class Calibration:
                 quantized.add(join.node)
                 for site in sites:
                     active.setdefault(site, f"{'input' if site != join.output else 'output'} of {join.op} {join.node}")
+        for site, precision in plan.tensors.items():  # data moved from a tensor the plan keeps float stays float
+            if precision == "fp32":
+                active.pop(site, None)
+        for site, source in graph.moves.items():  # in graph order: data movement between quantized tensors
+            if source in active and site in self.tensors:
+                active.setdefault(site, f"moves data of {source} (one scale: ONNX Runtime moves uint8 data)")
         for site, precision in plan.tensors.items():  # the plan's own say
             if precision == "fp32":
                 active.pop(site, None)
@@ -148,7 +155,7 @@ class Calibration:
             return root(graph.same_scale[s]) if s in graph.same_scale else s
 
         group = [s for s in self.tensors if root(s) == root(site)]
-        for member in group:
+        for member in ([] if graph.parts & set(group) else group):  # a layer reading one piece: not its range
             for layer in graph.direct_inputs.get(member, []):
                 config = plan.config(layer)
                 if config.int8 and not config.smooth and not config.symmetric and not self.layers[layer].weight_only:
@@ -317,18 +324,22 @@ def calibrate(model: nn.Module, calibration: Any, *, max_bins: int = 4096) -> Ca
         info.macs += output.numel() * per_output
 
     tensors = {site: TensorStats(max_bins) for site in (graph.sites if graph is not None else [])}
+    functional = graph.functional if graph is not None else {}
 
-    def record_tensor(site: str, output: Any) -> None:
-        if site not in tensors:
-            return
-        if isinstance(output, torch.Tensor) and output.is_floating_point():
-            tensors[site].update(output)
+    def record_tensor(site: str, output: Any) -> Any:
+        pieces = output if isinstance(output, (tuple, list)) and site in graph.parts else [output]
+        if site in tensors and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in pieces):
+            for t in pieces:
+                tensors[site].update(t)
         else:  # not a float tensor: this site cannot be quantized
             tensors.pop(site, None)
+        return output
 
     hooks = [m.register_forward_hook(lambda mod, a, out, n=name: record(n, mod, a, out)) for name, m in modules.items()]
     hooks += [model.get_submodule(site).register_forward_hook(lambda mod, a, out, s=site: record_tensor(s, out))
-              for site in tensors]
+              for site in tensors if site not in functional]
+    hooks += hook_functional(model, functional, {
+        site: functools.partial(record_tensor, site) for site in tensors if site in functional})
     was_training = model.training
     model.eval()
     start = time.perf_counter()

@@ -12,9 +12,12 @@ keep a float output. So for every convolution this module finds:
 - residual Adds and Concats (joins), whose inputs and output are quantized so the runtime can
   run QLinearAdd / QLinearConcat.
 
-A tensor is quantized where a module returns it (a "site": the module's qualified name), so the
-eager simulation and the export both quantize it by wrapping that module (`QuantizedOutput`).
-A tensor that no module returns by itself cannot be placed; the reason is kept.
+A tensor is quantized where a module returns it (a "site": the module's qualified name), or where
+a module's own code returns it from a functional call (`stage2.1/cat`: `tuner.functional`), so the
+eager simulation and the export both quantize it with the same op. Data movement between quantized
+tensors (a channel shuffle's view/transpose/view, a chunk feeding a Concat) is quantized too, at its
+source's scale, so that ONNX Runtime moves uint8 data and runs QLinearConcat between INT8 kernels.
+A tensor that no call returns by itself cannot be placed; the reason is kept.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import nn
 
 from .batches import call_model
 from .export_errors import torch_output
+from .functional import function_name, site_name
 from .onnx_io import FlatModel, InputSpec
 
 
@@ -93,19 +97,24 @@ class ModelGraph:
     # layer -> the LayerNorm/Linear whose output only it reads: where its SmoothQuant factors may
     # fold (`tuner.smoothing`; `Calibration.smooth_folds` holds the verified ones)
     smooth_producers: dict[str, str] = field(default_factory=dict)
+    # data movement between quantized tensors: site -> the site it moves data from (graph order)
+    moves: dict[str, str] = field(default_factory=dict)
+    # sites returned by a functional call: site -> (module, function, occurrence), for `hook_functional`
+    functional: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    parts: set[str] = field(default_factory=set)  # sites that are a split's pieces (one scale for all)
 
     @property
     def sites(self) -> list[str]:
         found = [c.site for c in self.conv_outputs.values() if c.site]
         for join in self.joins:
             found += [*join.inputs, join.output]
-        return list(dict.fromkeys(found))
+        return list(dict.fromkeys([*found, *self.moves]))
 
 
 class _Scopes:
     """Module-call scopes of an exported graph: which module call returns which tensor."""
 
-    def __init__(self, graph: torch.fx.Graph):
+    def __init__(self, graph: torch.fx.Graph, functional: bool = True):
         self.members: dict[str, set[torch.fx.Node]] = defaultdict(set)
         self.path: dict[str, str] = {}
         for node in graph.nodes:
@@ -116,6 +125,28 @@ class _Scopes:
         for path in self.path.values():
             calls[path] += 1
         self.calls = calls
+        self.functional: dict[str, tuple[str, str, int]] = {}
+        self.parts: set[str] = set()
+        self._calls_in: dict[tuple[str, str], set[torch.fx.Node]] = defaultdict(set)  # (scope, torch_fn id)
+        names: dict[tuple[str, str], tuple[str, str, int]] = {}  # call -> (module, function, occurrence)
+        counts: dict[tuple[str, str], int] = defaultdict(int)
+        for node in graph.nodes if functional else ():
+            key, fn = self._call_of(node)
+            if key is None:
+                continue
+            self._calls_in[(key, fn[0])].add(node)
+            if (key, fn[0]) not in names:
+                counts[(key, function_name(fn))] += 1
+                names[(key, fn[0])] = (self.path[key], function_name(fn), counts[(key, function_name(fn))])
+        self._names = names
+
+    def _call_of(self, node: torch.fx.Node) -> tuple[str | None, tuple[str, str] | None]:
+        """(innermost module-call scope, export's `torch_fn` id) of a node made by a torch function."""
+        stack = list((node.meta.get("nn_module_stack") or {}).keys())
+        fn = node.meta.get("torch_fn")
+        if node.op != "call_function" or not stack or not fn or self.calls[self.path[stack[-1]]] != 1:
+            return None, None
+        return stack[-1], fn
 
     def site_of(self, node: torch.fx.Node) -> str | None:
         """The innermost module, called once, whose call returns exactly `node`'s tensor."""
@@ -128,7 +159,25 @@ class _Scopes:
             escaping = {n for n in members if any(u not in members for u in n.users)}
             if escaping == {node}:
                 return path
-        return None
+        return self._functional_site(node)
+
+    def _functional_site(self, node: torch.fx.Node) -> str | None:
+        """`<module>/<function>[_k]` when `node` is what a functional call in that module's own code
+        returns (or one of the pieces of a split/chunk it returns)."""
+        key, fn = self._call_of(node)
+        if key is None or (key, fn[0]) not in self._names:
+            return None
+        members = self._calls_in[(key, fn[0])]
+        escaping = {n for n in members if any(u not in members for u in n.users)}
+        pieces = op_name(node) == "getitem" and all(op_name(n) == "getitem" for n in escaping)
+        if escaping != {node} and not pieces:
+            return None
+        call = self._names[(key, fn[0])]
+        site = site_name(*call)
+        self.functional[site] = call
+        if pieces:
+            self.parts.add(site)
+        return site
 
 
 _PREFIX = "model."  # FlatModel's attribute holding the model
@@ -180,7 +229,9 @@ def read_graph(model: nn.Module, example: Any, layers: set[str]) -> ModelGraph |
 def _analyse(program: torch.export.ExportedProgram, layers: set[str], model: nn.Module) -> ModelGraph:
     graph = program.graph
     params = _param_names(program)
-    scopes = _Scopes(graph)
+    # a torch.export archive's GraphModule runs aten ops whose recorded `torch_fn` names are the
+    # original model's: no functional sites there
+    scopes = _Scopes(graph, functional=not isinstance(model, torch.fx.GraphModule))
     layer_nodes: dict[str, list[torch.fx.Node]] = defaultdict(list)
     for node in graph.nodes:
         name = _layer_of(node, params, layers)
@@ -201,25 +252,59 @@ def _analyse(program: torch.export.ExportedProgram, layers: set[str], model: nn.
     for node, name in out_node.items():
         result.conv_outputs[name] = _conv_output(name, node, layer_nodes[name][0], scopes, params, layers)
     result.joins = _joins(graph, scopes, out_node)
+    _moved_sites(graph, scopes, params, layers, result)
     _direct_inputs(graph, scopes, params, layers, result)
-    _moved_sites(graph, scopes, result)
+    used = set(result.sites)
+    result.functional = {s: call for s, call in scopes.functional.items() if s in used}
+    result.parts = scopes.parts & used
     result.smooth_producers = fold_candidates(graph, params, {n: c[0] for n, c in layer_nodes.items() if len(c) == 1})
     return result
 
 
-def _moved_sites(graph: torch.fx.Graph, scopes: _Scopes, result: ModelGraph) -> None:
+def _moved_sites(graph: torch.fx.Graph, scopes: _Scopes, params: dict[str, str], layers: set[str],
+                 result: ModelGraph) -> None:
+    """Data movement from a quantized tensor keeps its scale (`same_scale`); where it leads to an INT8
+    layer or a join, each step is quantized too (`moves`), so ONNX Runtime moves uint8 data."""
     sites = set(result.sites)
+    joined = {n for n in graph.nodes if op_name(n) in JOIN_OPS}
     for node in graph.nodes:
         site = scopes.site_of(node) if op_name(node) in MOVE_OPS else None
-        if site not in sites:
+        if site is None:
             continue
         source = node.args[0]
         while isinstance(source, torch.fx.Node):
             origin = scopes.site_of(source)
             if origin in sites and origin != site:
-                result.same_scale[site] = origin
                 break
             source = source.args[0] if op_name(source) in MOVE_OPS and source.args else None
+        else:
+            continue
+        if site not in sites and not _leads_to_int8(node, params, layers, joined, scopes, sites):
+            continue
+        result.same_scale[site] = origin
+        if site not in sites:
+            result.moves[site] = origin
+            sites.add(site)
+
+
+def _leads_to_int8(node: torch.fx.Node, params: dict[str, str], layers: set[str], joined: set[torch.fx.Node],
+                   scopes: _Scopes, sites: set[str]) -> bool:
+    """Whether `node`'s tensor reaches, through data movement only, a layer, a join or a site."""
+    return any(_layer_of(user, params, layers) is not None or user in joined or scopes.site_of(user) in sites
+               for user in _users_through_moves(node, params, layers))
+
+
+def _users_through_moves(node: torch.fx.Node, params: dict[str, str], layers: set[str]):
+    """Every node reading `node`'s tensor directly or through data movement (once each)."""
+    todo, seen = list(node.users), set()
+    while todo:
+        user = todo.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        yield user
+        if _layer_of(user, params, layers) is None and op_name(user) in MOVE_OPS:
+            todo.extend(user.users)
 
 
 def _activated(node: torch.fx.Node) -> torch.fx.Node:
@@ -240,18 +325,11 @@ def _clips_at_zero(node: torch.fx.Node) -> bool:
 def _readers(node: torch.fx.Node, params: dict[str, str], layers: set[str]) -> tuple[list[str], list[str]]:
     """Quantizable layers that read `node`'s tensor (through data movement) and everything else."""
     consumers, others = [], []
-    todo, seen = list(node.users), set()
-    while todo:
-        user = todo.pop()
-        if user in seen:
-            continue
-        seen.add(user)
+    for user in _users_through_moves(node, params, layers):
         layer = _layer_of(user, params, layers)
         if layer is not None:
             consumers.append(layer)
-        elif op_name(user) in MOVE_OPS:
-            todo.extend(user.users)
-        else:
+        elif op_name(user) not in MOVE_OPS:
             others.append("graph output" if user.op == "output" else op_name(user))
     return consumers, others
 

@@ -89,6 +89,12 @@ class OutputQuantizer:
         self.why = why
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return self.quantize(output)
+
+    def quantize(self, output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The quantize-dequantized tensor (each piece, with one scale, for a split's pieces)."""
+        if isinstance(output, (tuple, list)):
+            return type(output)(self.quantize(t) for t in output)
         return qdq_ops()["qdq"](output, self.scale, self.zero_point, self.qparams.qmin, self.qparams.qmax)
 
     def __repr__(self) -> str:

@@ -209,3 +209,72 @@ def test_a_model_loaded_from_a_torch_export_archive_is_folded_too(resnet, tmp_pa
     assert any("batch_norm" in str(n.target) for n in loaded.graph.nodes)  # the caller's module untouched
     ops = optimized_ops(export_onnx(loaded, plan, calib, tmp_path / "archive.onnx"), tmp_path)
     assert ops["QLinearConv"] == 5 and ops["Conv"] == 0 and ops["BatchNormalization"] == 0
+
+
+# -- Concat and the data movement around it ----------------------------------------------------
+
+
+def _tiny_shufflenet() -> nn.Module:
+    from tuner.examples.vision.shufflenetv2 import shufflenet_v2
+
+    return shufflenet_v2(num_classes=10, in_channels=1, stages_repeats=(2, 1, 1), stages_out_channels=(8, 16, 32, 64, 64))
+
+
+def _tiny_densenet() -> nn.Module:
+    from tuner.examples.vision.densenet import densenet
+
+    return densenet(num_classes=10, in_channels=1, growth_rate=8, block_config=(3, 2), num_init_features=16, bn_size=2)
+
+
+def _float_data_movement(graph: onnx.GraphProto) -> list[str]:
+    """Concats and data-movement ops that read a DequantizeLinear's output: float data between INT8
+    kernels (the shape arithmetic's Concats read Shape/Reshape, not DequantizeLinear)."""
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    return [n.op_type for n in graph.node if n.op_type in ("Concat", "Reshape", "Transpose", "Split", "Slice")
+            and any(producer.get(i) == "DequantizeLinear" for i in n.input[:1] if n.op_type != "Concat")
+            or n.op_type == "Concat" and any(producer.get(i) == "DequantizeLinear" for i in n.input)]
+
+
+def _calibrated(build):
+    torch.manual_seed(0)
+    model = _randomize_batchnorms(build())
+    batches = [torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    calib = calibrate(model, batches)
+    return model, batches, calib, layer_report(model, calib).best_plan()
+
+
+@pytest.mark.parametrize("build, concats", [(_tiny_shufflenet, 4), (_tiny_densenet, 5)], ids=["shufflenet", "densenet"])
+def test_concats_and_channel_shuffles_run_in_int8(build, concats, tmp_path):
+    """torch.cat in a block's forward, the channel shuffle's view/transpose/view and the chunk that
+    feeds the next Concat are quantized at functional sites (`<module>/cat`, ...): ONNX Runtime runs
+    QLinearConcat and moves uint8 data between INT8 kernels, and computes what the simulation does."""
+    model, batches, calib, plan = _calibrated(build)
+    sites = calib.output_sites(plan)
+    assert calib.runs_float(plan) == {}
+    assert sum(join.op == "cat" and join.output in sites for join in calib.graph.joins) == concats
+    path = export_onnx(model, plan, calib, tmp_path / "int8.onnx")
+    graph = optimized_graph(path, tmp_path).graph
+    ops = Counter(n.op_type for n in graph.node)
+    assert ops["QLinearConcat"] == concats and ops["Conv"] == 0
+    assert _float_data_movement(graph) == []
+    with torch.no_grad():
+        x = torch.cat(batches)
+        sim, deployed = apply_plan(model, plan, calib)(x), load_onnx(path, threads=1)(x)
+    assert (sim - deployed).abs().max() <= 0.02 * sim.abs().max()  # a rounding tie: one step, not more
+
+
+def test_a_functional_site_is_shown_and_overridable_in_the_plan(tmp_path):
+    model, batches, calib, plan = _calibrated(_tiny_shufflenet)
+    sites = calib.output_sites(plan)
+    assert sites["stage2.1/cat"] == "output of cat cat_1"
+    assert sites["stage2.1/chunk"] == "input of cat cat_1"  # the half passed through untouched
+    assert sites["stage2.1/transpose"].startswith("moves data of stage2.1/view")
+    assert calib.graph.functional["stage2.1/view"] == ("stage2.1", "view", 1)
+    assert sites["stage2.1"].startswith("moves data of stage2.1/contiguous")  # the block returns the shuffle
+    simulated = apply_plan(model, plan, calib)
+    assert "stage2.1/cat" in simulated.stage2[1].functional_quantizers
+    no_cat = Plan(plan.layers, tensors={"stage2.1/cat": "fp32"})
+    assert not {"stage2.1/cat", "stage2.1/view", "stage2.1"} & set(calib.output_sites(no_cat))  # nor what it moves
+    with torch.no_grad():
+        x = batches[0]
+        assert (apply_plan(model, no_cat, calib)(x) - model(x)).abs().max() <= 0.1 * model(x).abs().max()
