@@ -89,3 +89,12 @@ def _run(command: list[str], processes, free_port, env: dict, monkeypatch) -> st
     done = subprocess.run(quanttune(*command[1:]), capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
+
+
+def test_readme_order_quick_start_then_your_own_model_then_reference():
+    text = README.read_text()
+    assert text.startswith("# quanttune\n\n```bash\nbash scripts/install.sh && quanttune demo ")
+    assert "\nbash scripts/test.sh " in text[:400]  # the suite's command, also `.ci/run`'s
+    headings = re.findall(r"^## (.+)$", text, re.M)
+    assert headings[0] == "Tune your own model" and headings[1] == "The quantization core (library)"
+    assert (README.parent / "docs" / "benchmarks.md").is_file() and "](docs/benchmarks.md" in text
