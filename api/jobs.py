@@ -94,7 +94,7 @@ def check_submission(spec: JobCreate, uploads: dict[str, Upload], settings: Sett
     for field in ("model", "calibration", "evaluate"):
         reference = getattr(spec, field)
         if reference is not None:
-            resolve(reference, allowed, field=f"spec.{field}")
+            resolve(reference, allowed, field=f"spec.{field}", code_dirs=settings.code_dirs)
     if spec.space is not None:
         exclude = spec.space.get("exclude", [])
         if not isinstance(exclude, list) or not all(isinstance(name, str) for name in exclude):

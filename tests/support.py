@@ -207,14 +207,14 @@ def pass_gate(directory: str | Path, timeout: float | None = None) -> int:
 class ServerProcess(EmbeddedServer):
     """`quanttune serve` as `quanttune demo` runs it (api.cli.embedded: SQLite and artifacts under
     `root`, a free port, `workers` workers, log in `root/serve.log`), with user code importable
-    (directories `importable`) and referable (modules `allowed`), one thread per process (the CNN trains faster on one
+    (directories `importable`: `--code`) and referable (modules `allowed`: `--allow`), one thread per process (the CNN trains faster on one
     of two busy cores) and fast queue polling. Use it as a context manager."""
 
     def __init__(self, root: Path, *, allowed: Iterable[str] = (), importable: Iterable[Path] = (),
                  env: dict[str, str] | None = None, workers: int = 1) -> None:
-        defaults = {"PYTHONPATH": pythonpath(*importable), "QUANTTUNE_POLL_SECONDS": "0.2", "OMP_NUM_THREADS": "1"}
+        defaults = {"PYTHONPATH": pythonpath(), "QUANTTUNE_POLL_SECONDS": "0.2", "OMP_NUM_THREADS": "1"}
         super().__init__(root, workers=workers, allowed_modules=("tuner.examples", *allowed),
-                         env={**defaults, **(env or {})})
+                         code_dirs=tuple(importable), env={**defaults, **(env or {})})
 
     def new_token(self, name: str) -> str:
         return make_token(self.db_url, name)

@@ -24,6 +24,14 @@ from .tensorfiles import check_dataset, describe_batch, labels, read_tensors, to
 Files = dict[str, tuple[str, bytes]]  # role -> (filename, data)
 
 
+@dataclass(frozen=True)
+class Allowed:
+    """Where the job's references may point: module prefixes, and the directories they import from."""
+
+    modules: Sequence[str]
+    code_dirs: Sequence[Path]
+
+
 @dataclass
 class Inputs:
     model: nn.Module
@@ -49,7 +57,7 @@ def check_fits(model: Any, batch: Any, what: str, *, field: str | None = None, l
 def build_inputs(spec: JobSpec, files: Files, settings: Settings, workdir: Path) -> Inputs:
     """The job's model, calibration batches and evaluation; `JobInputError` with the reason when
     the user's factory or data fails."""
-    allowed = settings.allowed_modules
+    allowed = Allowed(settings.allowed_modules, settings.code_dirs)
     try:
         model = _model(spec, files, allowed, workdir)
         calibration = _calibration(spec, files, allowed)
@@ -65,7 +73,7 @@ def build_inputs(spec: JobSpec, files: Files, settings: Settings, workdir: Path)
     return Inputs(model, calibration, evaluate)
 
 
-def _model(spec: JobSpec, files: Files, allowed: Sequence[str], workdir: Path) -> nn.Module:
+def _model(spec: JobSpec, files: Files, allowed: Allowed, workdir: Path) -> nn.Module:
     if "model_file" in files:
         from tuner.pt2_archive import load_exported
 
@@ -73,7 +81,7 @@ def _model(spec: JobSpec, files: Files, allowed: Sequence[str], workdir: Path) -
         path.write_bytes(files["model_file"][1])
         model = load_exported(path)
     else:
-        model = resolve(spec.model or "", allowed, field="spec.model")()
+        model = resolve(spec.model or "", allowed.modules, field="spec.model", code_dirs=allowed.code_dirs)()
         if "weights_file" in files:
             if not isinstance(model, nn.Module):
                 raise JobInputError(f"spec.model {spec.model!r} returned {type(model).__name__}, not an nn.Module")
@@ -90,16 +98,16 @@ def _dataset(files: Files, role: str, batch_size: int, *, need_label: bool = Fal
     return tensors, to_batches(tensors, batch_size)
 
 
-def _calibration(spec: JobSpec, files: Files, allowed: Sequence[str]) -> list[Any]:
+def _calibration(spec: JobSpec, files: Files, allowed: Allowed) -> list[Any]:
     if "calibration_file" in files:
         return _dataset(files, "calibration_file", spec.batch_size)[1]
-    return list(resolve(spec.calibration or "", allowed, field="spec.calibration")())
+    return list(resolve(spec.calibration or "", allowed.modules, field="spec.calibration", code_dirs=allowed.code_dirs)())
 
 
-def _evaluation(spec: JobSpec, files: Files, allowed: Sequence[str], model: nn.Module,
+def _evaluation(spec: JobSpec, files: Files, allowed: Allowed, model: nn.Module,
                 calibration: list[Any]) -> Callable[[nn.Module], float]:
     if spec.evaluate:
-        return resolve(spec.evaluate, allowed, field="spec.evaluate")
+        return resolve(spec.evaluate, allowed.modules, field="spec.evaluate", code_dirs=allowed.code_dirs)
     if spec.evaluator == "top1":
         tensors, batches = _dataset(files, "eval_file", spec.batch_size, need_label=True)
         return evaluators.top1(batches, labels(tensors, spec.batch_size))

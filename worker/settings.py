@@ -2,12 +2,19 @@
 
     QUANTTUNE_DB=postgresql+psycopg://user:pw@host/db   (default: SQLite file in the data dir)
     QUANTTUNE_DATA_DIR=./quanttune-data
-    QUANTTUNE_ALLOWED_MODULES=tuner.examples,mycompany.models
+    QUANTTUNE_ALLOWED_MODULES=tuner.examples,mycompany.models   (`--allow` of serve / worker adds to it)
+    QUANTTUNE_CODE_DIRS=/srv/code:/srv/more   (os.pathsep-separated; `--code` of serve / worker adds to it)
+
+Allowed modules are the prefixes references (`package.module:callable`) may name; code dirs are
+put on the import path of the API and the workers before a reference is imported (see
+`worker.references`).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator
@@ -20,6 +27,8 @@ class Settings(BaseSettings):
     db: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/quanttune.db")
     data_dir: Path = Path("quanttune-data")
     allowed_modules: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["tuner.examples"])
+    code_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list, description="Directories of user "
+                                                        "code, put on the import path before a reference is imported.")
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
     lease_seconds: float = Field(30.0, gt=0, description="A claim not renewed for this long may be reclaimed.")
     heartbeat_seconds: float | None = Field(None, gt=0, description="Lease renewal period; default lease_seconds / 3.")
@@ -37,6 +46,18 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("code_dirs", mode="before")
+    @classmethod
+    def _split_paths(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(os.pathsep) if part.strip()]
+        return value
+
+    @field_validator("code_dirs", mode="after")
+    @classmethod
+    def _absolute(cls, value: list[Path]) -> list[Path]:
+        return list(dict.fromkeys(path.expanduser().resolve() for path in value))
 
     @field_validator("db", mode="before")
     @classmethod
@@ -62,3 +83,11 @@ def get_settings(**overrides: Any) -> Settings:
     """Settings from the environment, with explicit overrides (e.g. CLI options) on top;
     `None` overrides are ignored so that unset options fall back to the environment."""
     return Settings(**{key: value for key, value in overrides.items() if value is not None})
+
+
+def with_user_code(settings: Settings, allow: Sequence[str] = (), code: Sequence[Path] = ()) -> Settings:
+    """`settings` with the module prefixes `allow` added to the allowed modules and the directories
+    `code` to the code dirs (the `--allow` / `--code` options of `quanttune serve | worker`)."""
+    allowed = list(dict.fromkeys([*settings.allowed_modules, *(m.strip() for m in allow if m.strip())]))
+    dirs = list(dict.fromkeys([*settings.code_dirs, *(Path(d).expanduser().resolve() for d in code)]))
+    return settings.model_copy(update={"allowed_modules": allowed, "code_dirs": dirs})

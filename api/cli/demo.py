@@ -6,7 +6,8 @@ enough convolution that INT8 is faster than FP32 on ONNX Runtime even at batch 1
 nn.Module exported with torch.export, calibration batches uploaded as safetensors, the evaluation
 by reference), follows it with the progress bar, prints the outcome and each layer's decision with
 its reason, what ONNX Runtime runs and how fast against FP32 (the worker's deployed check), writes
-model.onnx, plan.json and report.json to `<out>`, and stops the server.
+model.onnx, plan.json and report.json to `<out>`, and stops the server. The dashboard URL is
+printed as soon as the server is up, while the job runs (`--keep-serving`: again at the end).
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ def demo(
         _results(console, report, paths, local)
         written = [str(paths[n]) for n in sorted(paths)]
         console.print(f"wrote {', '.join(written)}  ({time.perf_counter() - started:.0f}s in all)")
-        console.print(f"dashboard: {server.url}/dashboard/  (token: {server.token})")
         if keep_serving:
+            console.print(f"dashboard: {server.url}/dashboard/  (token: {server.token})")
             _serve_until_interrupted(console, server)
     except (QuanttuneClientError, EmbeddedServerError) as exc:
         console.print(f"[red]demo failed:[/] {escape(str(exc))}\n--- server log ({server.log_path}) ---\n"
@@ -90,9 +91,9 @@ def demo(
         raise typer.Exit(130) from None
     finally:
         code = server.stop()
-        console.print(f"server stopped (exit code {code}); to browse the results again: quanttune serve --data-dir "
-                      f"{server.data_dir} --port {server.port}, then open http://127.0.0.1:{server.port}/dashboard/ "
-                      f"with the token in {server.data_dir / 'demo-token'}")
+        console.print(f"server stopped (exit code {code}); to browse the results again, run quanttune serve "
+                      f"--data-dir {server.data_dir} --port {server.port} and log in to its dashboard with the "
+                      f"token in {server.data_dir / 'demo-token'}")
     if not report.get("met"):
         raise typer.Exit(1)
 
@@ -112,6 +113,8 @@ def _tune(console: Console, server: Any, started: float, max_drop: float) -> tup
     console.print(f"trained the example in {time.perf_counter() - started:.1f}s")
     server.wait_ready()
     console.print(f"server up on {server.url} after {time.perf_counter() - started:.1f}s")
+    console.print(f"dashboard: {server.url}/dashboard/  (token: {server.token}): watch the job live; the server stops "
+                  "when the demo ends (--keep-serving keeps it)")
     local = _Local(model, batches)
     with Client(server.url, server.token) as client:
         job = client.submit(model, batches, EVALUATE, name="digits demo", max_drop=max_drop)

@@ -1,6 +1,7 @@
 """`EmbeddedServer`: `quanttune serve` in a child process, for the demo (and anyone who wants a
 throw-away service from Python): its own SQLite database and artifacts under `data_dir`, a free
-port on 127.0.0.1, N workers, and an API token kept in `data_dir/demo-token` (mode 0600).
+port on 127.0.0.1, N workers, user code in `code_dirs` referable in `allowed_modules` (`--code`,
+`--allow`), and an API token kept in `data_dir/demo-token` (mode 0600).
 
     with EmbeddedServer(Path("quanttune-demo/server")) as server:
         client = Client(server.url, server.token)
@@ -56,11 +57,12 @@ def wait_healthy(url: str, timeout: float = 180.0, process: subprocess.Popen | N
 
 class EmbeddedServer:
     def __init__(self, data_dir: Path, *, port: int = 0, workers: int = 1, allowed_modules: tuple[str, ...] = ("tuner.examples",),
-                 env: dict[str, str] | None = None) -> None:
+                 code_dirs: tuple[Path, ...] = (), env: dict[str, str] | None = None) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
         self.workers = workers
         self.allowed_modules = allowed_modules
+        self.code_dirs = tuple(Path(d).resolve() for d in code_dirs)
         self.extra_env = env or {}
         self.db_url = f"sqlite:///{self.data_dir / 'quanttune.db'}"
         self.url = f"http://127.0.0.1:{self.port}"
@@ -108,11 +110,9 @@ class EmbeddedServer:
 
         self.prepare()
         source_root = str(Path(api.__file__).resolve().parents[1])  # the workers import this same code
-        allowed = [m for m in os.environ.get("QUANTTUNE_ALLOWED_MODULES", "").split(",") if m.strip()]
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH", "")) if p),
-            "QUANTTUNE_ALLOWED_MODULES": ",".join(dict.fromkeys([*allowed, *self.allowed_modules])),
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }
@@ -120,6 +120,8 @@ class EmbeddedServer:
         command = [sys.executable, "-c", "from api.cli import main; main()", "serve", "--db", self.db_url,
                    "--data-dir", str(self.data_dir), "--host", "127.0.0.1", "--port", str(self.port),
                    "--workers", str(self.workers), "--no-migrate"]
+        command += [arg for module in self.allowed_modules for arg in ("--allow", module)]  # added to the environment's
+        command += [arg for directory in self.code_dirs for arg in ("--code", str(directory))]
         log = open(self.log_path, "wb")  # noqa: SIM115 (kept by the child)
         try:
             # its own session: Ctrl-C in the terminal reaches only us, and we stop it in order

@@ -16,13 +16,43 @@ import typer
 
 DbOption = Annotated[str | None, typer.Option("--db", help="Database URL (env QUANTTUNE_DB); default: SQLite in the data dir.")]
 DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (env QUANTTUNE_DATA_DIR).")]
+CodeOption = Annotated[list[Path] | None, typer.Option(
+    "--code", metavar="DIR", help="Directory of your code, put on the import path of the API and of every worker "
+    "(repeatable; adds to env QUANTTUNE_CODE_DIRS).")]
+AllowOption = Annotated[list[str] | None, typer.Option(
+    "--allow", metavar="MODULE", help="Module prefix that job references may name, e.g. mypkg for "
+    "mypkg.evals:accuracy (repeatable; adds to env QUANTTUNE_ALLOWED_MODULES, default tuner.examples).")]
 
 
+def _settings(db: str | None, data_dir: Path | None, allow: list[str] | None = None,
+              code: list[Path] | None = None):  # noqa: ANN202
+    from worker.settings import get_settings, with_user_code
 
-def _settings(db: str | None, data_dir: Path | None):  # noqa: ANN202
-    from worker.settings import get_settings
+    return with_user_code(get_settings(db=db, data_dir=data_dir), allow or (), code or ())
 
-    return get_settings(db=db, data_dir=data_dir)
+
+def _user_code(settings, process: str) -> None:  # noqa: ANN001
+    """Export the allowed modules and code dirs to the processes started from here (the workers, the
+    API processes) and print them, warning about an allowed package that cannot be imported."""
+    import importlib.util
+
+    from worker.references import add_to_import_path
+
+    os.environ.update(QUANTTUNE_ALLOWED_MODULES=",".join(settings.allowed_modules),
+                      QUANTTUNE_CODE_DIRS=os.pathsep.join(map(str, settings.code_dirs)))
+    add_to_import_path(settings.code_dirs)
+    typer.echo(f"{process}: references allowed in modules {', '.join(settings.allowed_modules) or '(none)'} (--allow); "
+               f"code dirs {', '.join(map(str, settings.code_dirs)) or '(none)'} (--code)")
+    for missing in (str(d) for d in settings.code_dirs if not d.is_dir()):
+        typer.echo(f"warning: code dir {missing} is not a directory", err=True)
+    for module in settings.allowed_modules:
+        try:
+            found = importlib.util.find_spec(module.partition(".")[0]) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            typer.echo(f"warning: allowed module {module!r} cannot be imported here; put the directory that holds "
+                       f"it on the import path with --code DIR", err=True)
 
 
 def _logging() -> None:
@@ -51,12 +81,16 @@ def token_create(name: Annotated[str, typer.Option("--name", help="Who the token
     engine.dispose()
 
 
-def worker(db: DbOption = None, data_dir: DataDirOption = None) -> None:
-    """Run one worker: claims jobs from the database and tunes them (SIGTERM stops it cleanly)."""
+def worker(db: DbOption = None, data_dir: DataDirOption = None, code: CodeOption = None,
+           allow: AllowOption = None) -> None:
+    """Run one worker: claims jobs from the database and tunes them (SIGTERM stops it cleanly).
+    Give it the same --code / --allow as the API."""
     from worker import run_worker
 
     _logging()
-    run_worker(_settings(db, data_dir))
+    settings = _settings(db, data_dir, allow, code)
+    _user_code(settings, "quanttune worker")
+    run_worker(settings)
 
 
 def serve(
@@ -71,6 +105,8 @@ def serve(
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log",
                                              help="Log one line per HTTP request.")] = True,
     migrate_db: Annotated[bool, typer.Option("--migrate/--no-migrate", help="Migrate the database first.")] = True,
+    code: CodeOption = None,
+    allow: AllowOption = None,
 ) -> None:
     """Run the API plus N worker processes (the embedded default: SQLite under ./quanttune-data)."""
     import uvicorn
@@ -79,7 +115,7 @@ def serve(
     from worker.signals import die_with_parent  # in each worker child: SIGTERM when `serve` dies, even by SIGKILL
 
     _logging()
-    settings = _settings(db, data_dir)
+    settings = _settings(db, data_dir, allow, code)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if migrate_db:
         from worker.migrate import migrate as run_migrate
@@ -89,10 +125,12 @@ def serve(
         _first_token(settings)
     # the workers and each API process read their settings from this environment
     os.environ.update(QUANTTUNE_DB=settings.db_url, QUANTTUNE_DATA_DIR=str(settings.data_dir))
+    _user_code(settings, "quanttune serve")  # before the workers start: they inherit it
     children = [subprocess.Popen([sys.executable, "-m", "worker"], preexec_fn=die_with_parent)
                 for _ in range(workers)]
-    typer.echo(f"quanttune API on http://{host}:{port}  ({api_processes} API process(es), {workers} worker(s), "
-               f"database {_safe(settings.db_url)})")
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    typer.echo(f"quanttune API on {url}  ({api_processes} API process(es), {workers} worker(s), "
+               f"database {_safe(settings.db_url)})\ndashboard: {url}/dashboard/")
 
     def _exit(signum: int, _frame: object) -> None:  # uvicorn re-raises SIGTERM after its graceful shutdown
         raise SystemExit(0)

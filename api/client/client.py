@@ -135,7 +135,7 @@ class Client:
           at once; `trial_timeout`: seconds one evaluation may take before its trial fails (the
           search goes on).
 
-        References must be allowed by the server (`QUANTTUNE_ALLOWED_MODULES`), else
+        References must be allowed by the server (`serve --allow`, `QUANTTUNE_ALLOWED_MODULES`), else
         `InvalidInputError` (422) with the server's message naming the field.
         """
         spec = _job_options(options, tuning)

@@ -1,5 +1,6 @@
 """`quanttune demo` as a user runs it: a real embedded server (quanttune serve + worker) on a free
-port, the example submitted through the SDK, results written, the server stopped."""
+port, the example submitted through the SDK, results written, the server stopped; the dashboard URL
+printed while the server is up."""
 
 import json
 import re
@@ -51,6 +52,9 @@ def test_quanttune_demo_runs_the_service_end_to_end_and_writes_artifacts(tmp_pat
     # it went through the service: a job in the embedded server's database, a private token file
     url = re.search(r"dashboard: (http://127\.0\.0\.1:(\d+))/dashboard/", stdout)
     assert url, stdout[-2000:]
+    # printed while the server is up, before the job is submitted, and never after it stopped
+    assert url.start() < stdout.index("submitted job") < stdout.index("server stopped")
+    assert "/dashboard/" not in stdout[stdout.index("server stopped"):]
     with sqlite3.connect(out / "server" / "quanttune.db") as db:
         assert db.execute("SELECT name, status, met FROM qt_jobs").fetchall() == [("digits demo", "succeeded", 1)]
     assert stat.S_IMODE((out / "server" / "demo-token").stat().st_mode) == 0o600

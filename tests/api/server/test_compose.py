@@ -58,6 +58,8 @@ def test_compose_wiring() -> None:
     for name in ("migrate", "api", "worker"):
         env = services[name]["environment"]
         assert env["QUANTTUNE_DB"].startswith("postgresql+psycopg://") and "@db:5432/" in env["QUANTTUNE_DB"]
+        assert env["QUANTTUNE_CODE_DIRS"] == "/code"  # the user's code: mounted, on the import path
+        assert any(v["target"] == "/code" and v["read_only"] for v in services[name]["volumes"])
         command = services[name]["command"]
         assert command[0] == "quanttune"
         _parses(command[1:])
