@@ -20,6 +20,7 @@ JOB_STATUSES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "ca
 FINISHED_STATUSES: tuple[str, ...] = ("succeeded", "failed", "cancelled")
 TrialState = Literal["RUNNING", "COMPLETE", "FAIL", "PRUNED", "WAITING"]
 Evaluator = Literal["top1", "agreement"]
+Outcome = Literal["met", "not_met", "failed", "cancelled"]
 
 
 # Multipart file parts of `POST /v1/jobs` (besides the `spec` JSON part).
@@ -164,8 +165,16 @@ class JobPublic(BaseModel):
     score: float | None = None
     drop: float | None = None
     coverage: float | None = Field(None, description="Share of MACs in INT8 of the chosen plan (0..1).")
-    met: bool | None = None
+    met: bool | None = Field(None, description="Whether the chosen plan's simulated drop is within the budget "
+                             "(the search's verdict; `outcome` is the job's).")
     deployed_score: float | None = Field(None, description="Score of the exported INT8 ONNX model on ONNX Runtime.")
+    deployed_drop: float | None = Field(None, description="Drop of `deployed_score` against the baseline, as the "
+                                        "budget measures it.")
+    outcome: Outcome | None = Field(None, description=(
+        "What the job delivered, null while queued or running: 'met' (succeeded and the model meets the budget, "
+        "simulated and, where it was evaluated, on ONNX Runtime), 'not_met' (succeeded, artifacts and report "
+        "available, but the budget is missed: by the best plan found, or by the exported model on ONNX Runtime), "
+        "'failed', 'cancelled'."))
     deployment: DeploymentPublic | None = Field(None, description="INT8 kernels and latency vs FP32 on ONNX Runtime.")
     reason: str | None = Field(None, description="Why the budget was not met / the search stopped, when it applies.")
     error: str | None = Field(None, description="Why the job failed.")

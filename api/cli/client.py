@@ -3,7 +3,9 @@
 The server URL and token come from `--url` / `--token` or `QUANTTUNE_URL` / `QUANTTUNE_TOKEN`.
 Tables for humans, `--json` for scripts (the API's own shapes). Exit codes: 0 done; 1 the
 request was refused (the server's message on stderr) or the server could not be reached; 2 bad
-usage; 3 the job failed or was cancelled (`--wait`, `wait`); 130 Ctrl-C while waiting (the job goes on).
+usage; 3 the job failed or was cancelled (`--wait`, `wait`); 4 the job finished without meeting its
+accuracy budget (`--wait`, `wait`: its report and artifacts are there to read); 130 Ctrl-C while
+waiting (the job goes on).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 CONNECTION = "Connection"
-EXIT_REFUSED, EXIT_JOB = 1, 3
+EXIT_REFUSED, EXIT_JOB, EXIT_NOT_MET = 1, 3, 4
 
 UrlOption = Annotated[str | None, typer.Option("--url", envvar="QUANTTUNE_URL", show_default=False, rich_help_panel=CONNECTION,
                                                help="Server URL [default: http://127.0.0.1:8000].")]
@@ -71,10 +73,12 @@ def handle_errors(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from rich.markup import escape
 
-        from ..client.errors import APIError, JobError, QuanttuneClientError
+        from ..client.errors import APIError, BudgetNotMetError, JobError, QuanttuneClientError
 
         try:
             return command(*args, **kwargs)
+        except BudgetNotMetError as exc:
+            raise _fail(escape(str(exc)), EXIT_NOT_MET) from None
         except JobError as exc:
             raise _fail(escape(str(exc)), EXIT_JOB) from None
         except APIError as exc:
@@ -100,12 +104,19 @@ def _space(value: str | None) -> dict[str, Any] | None:
 
 
 def _finish_wait(job: Any, as_json: bool) -> None:
-    """Wait with the progress bar (stderr), then print the job; exit 3 if it failed/was cancelled."""
-    from ..client.errors import JobError
+    """Wait with the progress bar (stderr), then print the job; exit 3 if it failed/was cancelled,
+    4 if it finished without meeting its budget."""
+    from ..client.errors import BudgetNotMetError, JobError
     from ..client.render import job_table
 
     try:
-        info = job.wait(progress=True)
+        info = job.wait(progress=True, raise_on_miss=True)
+    except BudgetNotMetError as exc:
+        if as_json:
+            _print_json(_dump(exc.job))
+        else:
+            _console().print(job_table(exc.job))
+        raise
     except JobError as exc:
         if as_json:
             _print_json(_dump(exc.job))
@@ -141,7 +152,8 @@ def submit(
     space: Annotated[str | None, typer.Option("--space", help="Search-space restriction as JSON, or @file.json.")] = None,
     parallelism: Annotated[int, typer.Option("--parallelism", min=1, help="Workers that may work on it at once.")] = 1,
     seed: Annotated[int, typer.Option("--seed", min=0)] = TuneOptions.seed,
-    wait: Annotated[bool, typer.Option("--wait", help="Follow the job with a progress bar until it finishes.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the job with a progress bar until it finishes (exit "
+                                       "0 met the budget, 3 failed or cancelled, 4 budget not met).")] = False,
     as_json: JsonOption = False,
     url: UrlOption = None,
     token: TokenOption = None,
@@ -278,7 +290,8 @@ def cancel(job_id: JobId, as_json: JsonOption = False, url: UrlOption = None, to
 @handle_errors
 def wait(job_id: JobId, as_json: JsonOption = False, url: UrlOption = None, token: TokenOption = None,
          request_timeout: RequestTimeout = 30.0) -> None:
-    """Follow a job with a progress bar until it finishes (exit 3 if it failed or was cancelled)."""
+    """Follow a job with a progress bar until it finishes (exit 0 met its budget, 3 failed or
+    cancelled, 4 finished without meeting its budget)."""
     with _client(url, token, request_timeout) as client:
         _finish_wait(client.job(job_id), as_json)
 

@@ -33,9 +33,10 @@ def budget_text(job: JobPublic) -> str:
 
 
 def outcome(job: JobPublic) -> tuple[float | None, float | None, float | None, bool | None]:
-    """(score, drop, coverage, met): the final figures once the job succeeded, else the best so far."""
+    """(score, drop, coverage, met): the final figures once the job succeeded (met: its `outcome`,
+    which also counts the exported model on ONNX Runtime), else the best so far."""
     if job.status == "succeeded" and job.score is not None:
-        return job.score, job.drop, job.coverage, job.met
+        return job.score, job.drop, job.coverage, job.outcome == "met"
     p = job.progress
     return p.best_score, p.best_drop, p.best_coverage, p.met
 
@@ -56,6 +57,17 @@ def trials_text(job: JobPublic) -> str:
 
 
 STATUS_STYLE = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "magenta"}
+OUTCOME_STYLE = {"met": "green", "not_met": "dark_orange", "failed": "red", "cancelled": "magenta"}
+
+
+def outcome_text(job: JobPublic) -> str:
+    """The job's outcome in rich markup: `MET`, `NOT MET` (warning colour), `failed`, `cancelled`;
+    while it runs, whether the best plan so far meets the budget."""
+    if job.outcome is None:
+        met = job.progress.met
+        return "–" if met is None else f"[dim]so far {'met' if met else 'not met'}[/]"
+    label = {"met": "MET", "not_met": "NOT MET"}.get(job.outcome, job.outcome)
+    return f"[{OUTCOME_STYLE[job.outcome]}]{label}[/]"
 
 
 class _TwoLineProgress(Progress):

@@ -85,17 +85,21 @@
     return el("span", { class: "badge status-" + status, text: status });
   }
 
-  // the job's outcome: "met", "not-met" (succeeded without meeting the budget), "failed", or null
-  // (still running, cancelled). From `met` of the job (the report's `met`), derived here.
+  // the job's outcome as the API states it (`outcome`: "met" | "not_met" | "failed" | "cancelled",
+  // null while queued or running), spelled as a CSS class suffix: "met", "not-met", ...
   function outcome(job) {
-    if (job.status === "failed") return "failed";
-    if (job.status !== "succeeded") return null;
-    return job.met === false ? "not-met" : "met";
+    return job.outcome ? job.outcome.replace("_", "-") : null;
+  }
+
+  function notMetTitle(job) {
+    return job.met && isNum(job.deployed_drop)
+      ? "the job finished, but the exported model misses the accuracy budget on ONNX Runtime (drop " + fmtDrop(job, job.deployed_drop) + ")"
+      : "the job finished, but no plan met the accuracy budget";
   }
 
   function outcomeBadge(job) {
     return outcome(job) === "not-met"
-      ? el("span", { class: "badge outcome-not-met", title: "the job finished, but no plan met the accuracy budget" }, "budget not met")
+      ? el("span", { class: "badge outcome-not-met", title: notMetTitle(job) }, "budget not met")
       : null;
   }
 
@@ -230,7 +234,9 @@
       const status = document.getElementById("job-status");
       status.textContent = job.status;
       status.className = "badge status-" + job.status;
-      document.getElementById("job-outcome").hidden = outcome(job) !== "not-met";
+      const outcomeNode = document.getElementById("job-outcome");
+      outcomeNode.hidden = outcome(job) !== "not-met";
+      if (!outcomeNode.hidden) outcomeNode.title = notMetTitle(job);
       document.body.dataset.outcome = outcome(job) || "";
       const phase = phaseOf(job, ledger, trials);
       const phaseNode = document.getElementById("job-phase");
