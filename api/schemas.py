@@ -33,6 +33,14 @@ def _check_reference(value: str | None, what: str) -> str | None:
     return value
 
 
+class FieldError(ValueError):
+    """A check across fields of `JobCreate` that blames one of them (`spec_error` names it)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class JobCreate(BaseModel):
     """The `spec` part of `POST /v1/jobs` (a JSON object). Which sources are used:
 
@@ -85,11 +93,13 @@ class JobCreate(BaseModel):
     @model_validator(mode="after")
     def _relative_budget(self) -> JobCreate:
         if self.relative and not self.max_drop < 1:
-            raise ValueError(f"`0 <= max_drop < 1` must hold for a relative budget, but got max_drop={self.max_drop}.")
+            raise FieldError("max_drop", f"`0 <= max_drop < 1` must hold for a relative budget, but got "
+                                         f"max_drop={self.max_drop}.")
         if self.evaluate is not None and self.evaluator is not None:
-            raise ValueError("give either `evaluate` (a reference) or `evaluator` (a built-in), not both.")
+            raise FieldError("evaluate", "give either `evaluate` (a reference) or `evaluator` (a built-in), not both.")
         if self.evaluate is None and self.evaluator is None:
-            raise ValueError("an evaluation is required: `evaluate` (reference) or `evaluator` ('top1' | 'agreement').")
+            raise FieldError("evaluate", "an evaluation is required: `evaluate` (reference) or `evaluator` "
+                                         "('top1' | 'agreement').")
         return self
 
 
@@ -251,7 +261,16 @@ class ErrorBody(BaseModel):
 def spec_error(exc: ValidationError) -> tuple[str, str]:
     """The message and field of an invalid `JobCreate` (`spec.<field>: <rule>; ...`), as the API
     answers it and the SDK raises it before sending."""
-    errors = exc.errors()
-    loc = ".".join(str(p) for p in errors[0]["loc"])
-    message = "; ".join(f"spec{'.' if e['loc'] else ''}{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
-    return message, f"spec.{loc}" if loc else "spec"
+    located = [_located(e) for e in exc.errors()]
+    message = "; ".join(f"{where}: {text}" for where, text in located[:5])
+    return message, located[0][0]
+
+
+def _located(error: Any) -> tuple[str, str]:
+    """(`spec.<field>`, message) of one pydantic error; a cross-field check names its field."""
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):
+        return f"spec.{cause.field}", str(cause)
+    loc = ".".join(str(p) for p in error["loc"])
+    text = str(cause) if isinstance(cause, ValueError) else error["msg"]
+    return f"spec.{loc}" if loc else "spec", text

@@ -1,4 +1,4 @@
-"""Client commands: `quanttune submit | jobs | status | trials | report | download | cancel | wait`.
+"""Client commands: `quanttune submit | jobs | status | trials | report | download | cancel | delete | wait`.
 
 The server URL and token come from `--url` / `--token` or `QUANTTUNE_URL` / `QUANTTUNE_TOKEN`.
 Tables for humans, `--json` for scripts (the API's own shapes). Exit codes: 0 done; 1 the
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -66,26 +68,60 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+# the API's names for what the CLI calls by its flags (messages from the server and the SDK)
+FLAGS = {"model_file": "MODEL", "spec.model": "MODEL", "weights_file": "--weights", "calibration_file": "--calibration",
+         "spec.calibration": "--calibration", "eval_file": "--eval-data", "eval_data": "--eval-data",
+         "spec.evaluate": "--evaluate", "spec.evaluator": "--evaluate", "spec.space": "--space",
+         **{f"spec.{name}": "--" + name.replace("_", "-") for name in (
+             "name", "batch_size", "max_drop", "max_trials", "timeout", "trial_timeout", "parallelism", "seed")},
+         "spec.relative": "--relative/--absolute", "spec.higher_is_better": "--higher-is-better/--lower-is-better"}
+_API_NAMES = re.compile(r"(?<![\w.-])(" + "|".join(re.escape(n) for n in sorted(FLAGS, key=len, reverse=True)) + r")(?![\w])")
+NO_TOKEN = ("no API token: set QUANTTUNE_TOKEN or pass --token (`quanttune token create --name NAME` makes one "
+            "where the server runs).")
+
+
+def in_flags(text: str) -> str:
+    """A message with the API's part and spec names (`eval_file`, `spec.max_drop`) replaced by the
+    CLI's flags (`--eval-data`, `--max-drop`)."""
+    return _API_NAMES.sub(lambda m: FLAGS[m.group(1)], text)
+
+
+def _error(exc: Exception, token: str | None) -> tuple[str, int, dict[str, Any]]:
+    """(message, exit code, JSON error body) of an SDK error."""
+    from ..client.errors import APIError, AuthenticationError, BudgetNotMetError, JobError
+
+    if isinstance(exc, AuthenticationError) and not token:
+        return NO_TOKEN, EXIT_REFUSED, {"code": "no_token", "message": NO_TOKEN, "field": "--token", "status": 401}
+    if isinstance(exc, JobError):
+        code = EXIT_NOT_MET if isinstance(exc, BudgetNotMetError) else EXIT_JOB
+        return str(exc), code, {"code": exc.job.outcome, "message": str(exc), "field": None, "job": exc.job.id}
+    if isinstance(exc, APIError):
+        message, field = in_flags(exc.message), FLAGS.get(exc.field or "", exc.field)
+        where = f" [{exc.status} {exc.code or ''}{', ' + field if field else ''}]"
+        return message + where, EXIT_REFUSED, {"code": exc.code, "message": message, "field": field, "status": exc.status}
+    message = in_flags(str(exc))
+    code = re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__.removesuffix("Error")).lower()  # network, client_argument
+    return message, EXIT_REFUSED, {"code": code, "message": message, "field": None}
+
+
 def handle_errors(command: F) -> F:
-    """Typed SDK errors become a message on stderr and a non-zero exit code."""
+    """Typed SDK errors become a message on stderr (with `--json`: `{"error": {...}}` on stdout as
+    well) and a non-zero exit code."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from rich.markup import escape
 
-        from ..client.errors import APIError, BudgetNotMetError, JobError, QuanttuneClientError
+        from ..client.errors import JobError, QuanttuneClientError
 
         try:
             return command(*args, **kwargs)
-        except BudgetNotMetError as exc:
-            raise _fail(escape(str(exc)), EXIT_NOT_MET) from None
-        except JobError as exc:
-            raise _fail(escape(str(exc)), EXIT_JOB) from None
-        except APIError as exc:
-            where = f" [{exc.status} {exc.code or ''}{', ' + exc.field if exc.field else ''}]"
-            raise _fail(escape(exc.message) + escape(where), EXIT_REFUSED) from None
         except QuanttuneClientError as exc:
-            raise _fail(escape(str(exc)), EXIT_REFUSED) from None
+            token = kwargs.get("token") or os.environ.get("QUANTTUNE_TOKEN")
+            message, code, body = _error(exc, token)
+            if kwargs.get("as_json") and not isinstance(exc, JobError):  # a job error has printed the job
+                _print_json({"error": body})
+            raise _fail(escape(message), code) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -288,6 +324,19 @@ def cancel(job_id: JobId, as_json: JsonOption = False, url: UrlOption = None, to
 
 
 @handle_errors
+def delete(job_id: JobId, as_json: JsonOption = False, url: UrlOption = None, token: TokenOption = None,
+           request_timeout: RequestTimeout = 30.0) -> None:
+    """Delete a finished, queued or cancelled job: its uploads, artifacts, study and trials (a running
+    job is refused: `quanttune cancel` it first)."""
+    with _client(url, token, request_timeout) as client:
+        client.job(job_id).delete()
+    if as_json:
+        _print_json({"id": job_id, "deleted": True})
+    else:
+        typer.echo(f"job {job_id} deleted")
+
+
+@handle_errors
 def wait(job_id: JobId, as_json: JsonOption = False, url: UrlOption = None, token: TokenOption = None,
          request_timeout: RequestTimeout = 30.0) -> None:
     """Follow a job with a progress bar until it finishes (exit 0 met its budget, 3 failed or
@@ -298,5 +347,5 @@ def wait(job_id: JobId, as_json: JsonOption = False, url: UrlOption = None, toke
 
 def register(app: typer.Typer) -> None:
     """Add the client commands to `app`."""
-    for command in (submit, jobs, status, trials, report, download, cancel, wait):
+    for command in (submit, jobs, status, trials, report, download, cancel, delete, wait):
         app.command(rich_help_panel="Client")(command)

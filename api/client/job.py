@@ -80,7 +80,7 @@ class Job:
         return self.info
 
     def delete(self) -> None:
-        """Delete the job, its uploads, artifacts and trials."""
+        """Delete the job, its uploads, artifacts and trials; `ConflictError` while it is running (cancel it first)."""
         self.http.request("DELETE", f"/jobs/{self.id}", idempotent=True)
 
     def wait(self, progress: bool | Console = True, *, timeout: float | None = None, poll: float = 1.0,

@@ -148,7 +148,7 @@ def test_failures_exit_non_zero_with_the_servers_message(env: dict[str, str], su
     rejected = cli(env, "submit", "os:system", "-c", "tuner.examples.digits:calibration_data",
                    "-e", "tuner.examples.digits:evaluate")
     assert rejected.exit_code == 1
-    assert "'os:system' is not allowed" in rejected.stderr and "422 disallowed_reference, spec.model" in rejected.stderr
+    assert "'os:system' is not allowed" in rejected.stderr and "422 disallowed_reference, MODEL" in rejected.stderr
     missing = cli(env, "submit", "tuner.examples.digits:build_model", "-c", "missing.safetensors", "-e", "agreement")
     assert missing.exit_code == 1 and "missing.safetensors" in missing.stderr and "does not exist" in missing.stderr
     bad_space = cli(env, "submit", "tuner.examples.digits:build_model", "-c", "tuner.examples.digits:calibration_data",

@@ -178,7 +178,7 @@ def test_outcome_says_met_or_not_met_for_every_finish(service: TestClient) -> No
     ("{not json", "spec", "invalid_input"),
     ("[1, 2]", "spec", "invalid_input"),
     ({"max_drop": -0.1}, "spec.max_drop", "invalid_input"),
-    ({"max_drop": 1.5}, "spec", "invalid_input"),  # relative budgets must be < 1
+    ({"max_drop": 1.5}, "spec.max_drop", "invalid_input"),  # relative budgets must be < 1
     ({"max_trials": 0}, "spec.max_trials", "invalid_input"),
     ({"parallelism": 0}, "spec.parallelism", "invalid_input"),
     ({"surprise": 1}, "spec.surprise", "invalid_input"),
@@ -191,8 +191,8 @@ def test_outcome_says_met_or_not_met_for_every_finish(service: TestClient) -> No
     ({"evaluate": "tuner.examples.digits:_splits"}, "spec.evaluate", "disallowed_reference"),
     ({"evaluate": "tuner.examples.digits:SEED"}, "spec.evaluate", "disallowed_reference"),
     ({"evaluate": "../etc/passwd"}, "spec.evaluate", "invalid_input"),
-    ({"evaluate": None}, "spec", "invalid_input"),  # no evaluation at all
-    ({"evaluator": "top1"}, "spec", "invalid_input"),  # both a reference and a built-in
+    ({"evaluate": None}, "spec.evaluate", "invalid_input"),  # no evaluation at all
+    ({"evaluator": "top1"}, "spec.evaluate", "invalid_input"),  # both a reference and a built-in
     ({"model": None}, "spec.model", "invalid_input"),  # no model source
     ({"space": {"activation": ["magic"]}}, "spec.space", "invalid_input"),
     ({"space": {"speed": "fast"}}, "spec.space", "invalid_input"),
