@@ -139,6 +139,13 @@ def _space(value: str | None) -> dict[str, Any] | None:
     return space
 
 
+def _either(first: bool, second: bool, first_name: str, second_name: str, default: bool) -> bool:
+    """A choice made by one of two flags (True: the first); giving both is a usage error."""
+    if first and second:
+        raise typer.BadParameter(f"give {first_name} or {second_name}, not both", param_hint=second_name)
+    return True if first else False if second else default
+
+
 def _finish_wait(job: Any, as_json: bool) -> None:
     """Wait with the progress bar (stderr), then print the job; exit 3 if it failed/was cancelled,
     4 if it finished without meeting its budget."""
@@ -171,16 +178,21 @@ def submit(
     model: Annotated[str, typer.Argument(help="Factory reference 'module:callable', or a torch.export archive (.pt2).")],
     calibration: Annotated[str, typer.Option("--calibration", "-c", help="Reference returning batches, or a tensor file "
                                              "(safetensors / weights-only .pt: 'input' or 'input.N' or keyword names).")],
-    evaluate: Annotated[str, typer.Option("--evaluate", "-e", help="Reference 'module:function(model) -> float', or a "
-                                          "built-in evaluator: top1 | agreement.")],
+    evaluate: Annotated[str, typer.Option("--evaluate", "-e", help="Reference 'module:function' (takes the model, "
+                                          "returns a float), or a built-in evaluator: top1 | agreement.")],
     eval_data: Annotated[Path | None, typer.Option("--eval-data", help="Tensor file for the built-in evaluator "
                                                    "(top1: inputs + 'label').")] = None,
     weights: Annotated[Path | None, typer.Option("--weights", help="State dict for the factory (safetensors or .pt).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Job name.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Batch size for uploaded tensors [default: 32].")] = None,
     max_drop: Annotated[float, typer.Option("--max-drop", min=0.0, help="Accuracy budget.")] = TuneOptions.max_drop,
-    relative: Annotated[bool, typer.Option("--relative/--absolute", help="Budget relative to the FP32 baseline, or absolute.")] = TuneOptions.relative,
-    higher_is_better: Annotated[bool, typer.Option("--higher-is-better/--lower-is-better")] = TuneOptions.higher_is_better,
+    relative: Annotated[bool, typer.Option("--relative", help="The budget is a share of the FP32 baseline "
+                                           "(the default: --max-drop 0.01 allows 1%).")] = False,
+    absolute: Annotated[bool, typer.Option("--absolute", help="The budget is in the evaluation's own units.")] = False,
+    higher_is_better: Annotated[bool, typer.Option("--higher-is-better", help="A higher score is better "
+                                                   "(accuracy; the default).")] = False,
+    lower_is_better: Annotated[bool, typer.Option("--lower-is-better", help="A lower score is better (a loss, "
+                                                  "an error rate).")] = False,
     max_trials: Annotated[int | None, typer.Option("--max-trials", min=1, help="Most trials.")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", min=0.001, help="Seconds of search.")] = TuneOptions.timeout,
     trial_timeout: Annotated[float | None, typer.Option("--trial-timeout", min=1, help="Seconds one evaluation may "
@@ -198,8 +210,11 @@ def submit(
     """Submit a tuning job (same inputs as `Client.submit`; uploads are files, never pickled)."""
     with _client(url, token, request_timeout) as client:
         job = client.submit(model, calibration, evaluate, eval_data=eval_data, weights=weights, name=name,
-                            batch_size=batch_size, max_drop=max_drop, relative=relative,
-                            higher_is_better=higher_is_better, max_trials=max_trials, timeout=timeout,
+                            batch_size=batch_size, max_drop=max_drop,
+                            relative=_either(relative, absolute, "--relative", "--absolute", TuneOptions.relative),
+                            higher_is_better=_either(higher_is_better, lower_is_better, "--higher-is-better",
+                                                     "--lower-is-better", TuneOptions.higher_is_better),
+                            max_trials=max_trials, timeout=timeout,
                             trial_timeout=trial_timeout, space=_space(space), parallelism=parallelism, seed=seed)
         if wait:
             if not as_json:
@@ -229,6 +244,10 @@ def jobs(
         page = client.jobs_page(status, offset=offset, limit=limit)  # type: ignore[arg-type]
     if as_json:
         _print_json(_dump(page))
+    elif not page.data:  # an empty table says nothing: say why there is none
+        where = f" with status {status}" if status else ""
+        typer.echo(f"no jobs{where} past the first {offset} (there are {page.count})" if offset and page.count
+                   else f"no jobs{where}" + ("" if status else ": `quanttune submit` creates one"))
     else:
         _console().print(jobs_table(page.data, page.count))
 

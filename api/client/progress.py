@@ -24,6 +24,11 @@ def fmt_drop(value: float | None, relative: bool) -> str:
     return f"{value:.2%}" if relative else f"{value:.4g}"
 
 
+def plural(n: int, word: str) -> str:
+    """`1 trial`, `2 trials`, `0 trials`."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def fmt_share(value: float | None) -> str:
     return DASH if value is None else f"{value:.0%}"
 
@@ -48,12 +53,12 @@ def progress_line(job: JobPublic) -> str:
     baseline = f" (FP32 {fmt_score(job.baseline)})" if job.baseline is not None else ""
     return (f"best {fmt_score(score)}{baseline} · drop {fmt_drop(drop, job.relative)} of "
             f"{fmt_drop(job.max_drop, job.relative)}{mark} · INT8 MACs {fmt_share(coverage)} · "
-            f"{job.progress.evaluations} evals")
+            f"{plural(job.progress.evaluations, 'eval')}")
 
 
 def trials_text(job: JobPublic) -> str:
     done = job.progress.trials
-    return f"{done}/{job.max_trials} trials" if job.max_trials else f"{done} trial{'s' if done != 1 else ''}"
+    return f"{done}/{plural(job.max_trials, 'trial')}" if job.max_trials else plural(done, "trial")
 
 
 STATUS_STYLE = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "magenta"}

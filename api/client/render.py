@@ -8,7 +8,17 @@ from typing import Any
 from rich.table import Table
 
 from ..schemas import ArtifactPublic, DeploymentPublic, JobPublic, TrialPublic
-from .progress import STATUS_STYLE, budget_text, fmt_drop, fmt_score, fmt_share, outcome, outcome_text, progress_line
+from .progress import (
+    STATUS_STYLE,
+    budget_text,
+    fmt_drop,
+    fmt_score,
+    fmt_share,
+    outcome,
+    outcome_text,
+    plural,
+    progress_line,
+)
 
 TRIAL_STYLE = {"COMPLETE": "green", "FAIL": "red", "RUNNING": "cyan", "PRUNED": "dim", "WAITING": "yellow"}
 
@@ -22,7 +32,7 @@ def _status(status: str) -> str:
 
 
 def jobs_table(jobs: list[JobPublic], count: int | None = None) -> Table:
-    caption = f"{len(jobs)} of {count} job(s)" if count is not None and count != len(jobs) else None
+    caption = f"{len(jobs)} of {plural(count, 'job')}" if count is not None and count != len(jobs) else None
     table = Table(title="jobs", caption=caption)
     for column in ("id", "name", "status", "outcome", "trials", "score", "drop", "INT8 MACs", "created"):
         table.add_column(column, justify="right" if column in ("id", "trials", "score", "drop", "INT8 MACs") else "left")
@@ -39,14 +49,14 @@ def job_table(job: JobPublic) -> Table:
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     rows: list[tuple[str, str]] = [
-        ("status", _status(job.status) + (f" ({job.workers} worker(s))" if job.workers else "")),
+        ("status", _status(job.status) + (f" ({plural(job.workers, 'worker')})" if job.workers else "")),
         ("outcome", outcome_text(job)),
         ("model", job.model_source),
         ("calibration", job.calibration_source),
         ("evaluation", job.evaluation_source),
         ("budget", f"drop ≤ {budget_text(job)}, {'higher' if job.higher_is_better else 'lower'} is better"),
         ("limits", f"max_trials {job.max_trials or '–'}, timeout {job.timeout or '–'} s, parallelism {job.parallelism}"),
-        ("progress", f"{job.progress.trials} trial(s): {progress_line(job)}"),
+        ("progress", f"{plural(job.progress.trials, 'trial')}: {progress_line(job)}"),
     ]
     if job.status == "succeeded":
         rows += [

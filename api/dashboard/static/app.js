@@ -60,6 +60,7 @@
     if (s < 86400) return (s / 3600).toFixed(1) + " h ago";
     return (s / 86400).toFixed(1) + " d ago";
   }
+  const plural = (n, word) => n + " " + word + (n === 1 ? "" : "s"); // 1 trial, 2 trials
   const metBudget = (job, drop) => isNum(drop) && drop <= job.max_drop + 1e-12;
   const scale = (job) => (job.relative ? 100 : 1); // drops shown in % when relative
 
@@ -142,7 +143,7 @@
       const coverage = done ? job.coverage : p.best_coverage;
       const phase = !p.trials ? phaseOf(job, ledger, null) : null;
       const progress = el("td", {}, phase ? el("span", { class: "phase" }, phase + "…")
-        : p.trials + (job.max_trials ? " / " + job.max_trials : "") + " trials");
+        : (job.max_trials ? p.trials + " / " + plural(job.max_trials, "trial") : plural(p.trials, "trial")));
       if (job.max_trials && ACTIVE.has(job.status)) {
         const share = Math.min(1, p.trials / job.max_trials);
         progress.append(el("div", { class: "bar" }, el("span", { style: "width:" + (100 * share).toFixed(0) + "%" })));
@@ -263,7 +264,7 @@
           (isNum(drop) ? (metBudget(job, drop) ? "within" : "over") + " the " : "") + (job.relative ? "relative" : "absolute") +
           " budget " + fmtDrop(job, job.max_drop)],
         ["INT8 coverage", fmtPct(done ? job.coverage : p.best_coverage), "share of MACs"],
-        ["Trials", p.trials + (job.max_trials ? " / " + job.max_trials : ""), job.workers + " worker(s) now"],
+        ["Trials", p.trials + (job.max_trials ? " / " + job.max_trials : ""), plural(job.workers, "worker") + " now"],
         ["Evaluations", String(p.evaluations), "calls of the evaluation"],
         ["Deployed score", scoreError && !isNum(job.deployed_score) ? el("span", { class: "miss", title: scoreError }, "not measured")
           : fmtNum(job.deployed_score), scoreError && !isNum(job.deployed_score) ? scoreError : "ONNX Runtime, INT8"],
@@ -413,7 +414,7 @@
         if (t.evaluated) w.evaluated += 1;
         by.set(t.worker, w);
       }
-      const parts = [...by.entries()].sort().map(([name, w]) => name + ": " + w.trials + " trial(s), " + w.evaluated + " evaluated");
+      const parts = [...by.entries()].sort().map(([name, w]) => name + ": " + plural(w.trials, "trial") + ", " + w.evaluated + " evaluated");
       document.getElementById("by-worker").textContent = parts.length ? "By worker — " + parts.join("; ") : "";
     }
 

@@ -92,3 +92,37 @@ def test_delete_refuses_a_running_job_until_cancelled(env: dict[str, str], runni
     assert deleted.exit_code == 0 and deleted.stdout == f"job {job_id} deleted\n"
     gone = cli(env, "status", str(job_id))
     assert gone.exit_code == 1 and f"job {job_id} not found" in gone.stderr
+
+
+def test_help_at_80_columns_shows_every_option_name_whole() -> None:
+    import click
+    import typer
+
+    def commands(command: click.Command, path: list[str]):  # noqa: ANN202
+        yield path, command
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from commands(sub, [*path, name])
+
+    for path, command in commands(typer.main.get_command(app), []):
+        shown = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "80"}).stdout
+        words = shown.replace("│", " ").replace(",", " ").split()
+        names = [n for p in command.params for n in (*p.opts, *p.secondary_opts) if n.startswith("--")]
+        assert [n for n in names if n not in words] == [], (path, shown)
+        assert max(map(len, shown.splitlines())) <= 80, (path, shown)
+    submit = CliRunner().invoke(app, ["submit", "--help"], env={"COLUMNS": "80"}).stdout
+    described = " ".join(submit.replace("│", " ").split())
+    assert "--higher-is-better <bool> A higher score is better (accuracy; the default)." in described, described
+
+
+def test_an_empty_job_list_says_so_and_counts_are_singular_for_one(env: dict[str, str], running_server) -> None:  # noqa: ANN001
+    fresh = {**env, "QUANTTUNE_TOKEN": running_server.new_token("nothing yet")}
+    assert cli(fresh, "jobs").stdout == "no jobs: `quanttune submit` creates one\n"
+    assert cli(fresh, "jobs", "--status", "failed").stdout == "no jobs with status failed\n"
+    job = json.loads(cli(fresh, "submit", *DIGITS, "-e", "tuner.examples.digits:evaluate", "--max-trials", "1",
+                         "--wait", "--json").stdout)
+    assert job["progress"]["trials"] == 1
+    assert cli(fresh, "jobs", "--offset", "5").stdout == "no jobs past the first 5 (there are 1)\n"
+    status = " ".join(cli(fresh, "status", str(job["id"])).stdout.replace("│", " ").split())
+    assert "progress 1 trial: best" in status and "1 trials" not in status, status
+    summary = json.loads(cli(fresh, "trials", str(job["id"]), "--json").stdout)["data"][0]["summary"]
+    assert summary.startswith("4/4 int8") and "other" not in summary  # every setting named
