@@ -39,6 +39,33 @@ def create_token(session: Session, name: str) -> str:
     return raw
 
 
+REVOKED = "revoked:"  # a revoked token's stored hash: no token hashes to it (not hex), so none matches
+
+
+def revoke_token(session: Session, token_id: int) -> str | None:
+    """Make a token unusable, keeping its jobs (and their owner); its name, or None when there is no
+    such token. Its dashboard sessions end, as they are signed with the stored hash."""
+    token = session.get(Token, token_id)
+    if token is None:
+        return None
+    if not token.token_hash.startswith(REVOKED):
+        token.token_hash = REVOKED + secrets.token_hex(28)
+        session.commit()
+    return token.name
+
+
+def token_rows(session: Session) -> list[dict[str, object]]:
+    """Every token as `quanttune token list` shows it: id, name, created_at, state, jobs."""
+    from sqlalchemy import func
+
+    from worker.models import JobRecord
+
+    jobs = dict(session.execute(select(JobRecord.owner_id, func.count()).group_by(JobRecord.owner_id)).all())
+    return [{"id": t.id, "name": t.name, "created_at": t.created_at.isoformat(timespec="seconds"),
+             "state": "revoked" if t.token_hash.startswith(REVOKED) else "active", "jobs": jobs.get(t.id, 0)}
+            for t in session.scalars(select(Token).order_by(Token.id))]
+
+
 def bearer_source(request: Request) -> str | None:
     header = request.headers.get("authorization")
     if not header:

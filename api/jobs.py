@@ -233,6 +233,11 @@ def cancel_job(session: Session, job: JobRecord) -> JobRecord:
 
 
 def delete_job(session: Session, job: JobRecord) -> None:
+    """Delete the job with its uploads, artifacts and leases; a running job must be cancelled first
+    (its workers stop before their next trial), so that no worker is cut off mid-trial."""
+    if job.status == "running":
+        raise Conflict(f"job {job.id} is running: cancel it first (POST /v1/jobs/{job.id}/cancel, "
+                       f"`quanttune cancel {job.id}`), then delete it.")
     session.delete(job)
     session.commit()
 

@@ -10,6 +10,7 @@ from typing import Any
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
 
+from tuner.study import Budget
 from worker.models import JobRecord
 from worker.spec import JobSpec
 from worker.studies import INTERRUPTED
@@ -32,9 +33,30 @@ def _deployment(stored: dict[str, Any] | None) -> DeploymentPublic | None:
         return None
 
 
+def deployed_drop(job: JobRecord, budget: Budget) -> float | None:
+    """The drop of the exported model on ONNX Runtime, as the budget measures it (None when it was
+    not evaluated)."""
+    if job.deployed_score is None or job.baseline is None or (budget.relative and job.baseline == 0):
+        return None
+    return budget.drop(job.baseline, job.deployed_score)
+
+
+def job_outcome(job: JobRecord, budget: Budget, deployed: float | None) -> str | None:
+    """'met' | 'not_met' | 'failed' | 'cancelled', None while the job is queued or running. A job
+    whose best plan met the budget in simulation, but whose exported model misses it on ONNX Runtime,
+    is 'not_met': the model users download and deploy is the ONNX one."""
+    if job.status in ("failed", "cancelled"):
+        return job.status
+    if job.status != "succeeded":
+        return None
+    return "met" if job.met and (deployed is None or budget.met(deployed)) else "not_met"
+
+
 def job_public(job: JobRecord, workers: int = 0, artifacts: list[str] | None = None) -> JobPublic:
     spec = JobSpec.from_stored(job.spec or {})
     options = spec.options
+    budget = Budget(options.max_drop, options.relative, options.higher_is_better)
+    deployed = deployed_drop(job, budget)
     return JobPublic(
         id=job.id, name=job.name, status=job.status,
         created_at=_utc(job.created_at), started_at=_utc(job.started_at), finished_at=_utc(job.finished_at),
@@ -48,7 +70,7 @@ def job_public(job: JobRecord, workers: int = 0, artifacts: list[str] | None = N
         progress=Progress(trials=job.trials, evaluations=job.evaluations, best_score=job.best_score,
                           best_drop=job.best_drop, best_coverage=job.best_coverage, met=job.best_met),
         baseline=job.baseline, score=job.score, drop=job.drop, coverage=job.coverage, met=job.met,
-        deployed_score=job.deployed_score,
+        deployed_score=job.deployed_score, deployed_drop=deployed, outcome=job_outcome(job, budget, deployed),
         deployment=_deployment(job.deployment), reason=job.reason, error=job.error, artifacts=artifacts or [],
     )
 

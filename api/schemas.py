@@ -20,6 +20,7 @@ JOB_STATUSES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "ca
 FINISHED_STATUSES: tuple[str, ...] = ("succeeded", "failed", "cancelled")
 TrialState = Literal["RUNNING", "COMPLETE", "FAIL", "PRUNED", "WAITING"]
 Evaluator = Literal["top1", "agreement"]
+Outcome = Literal["met", "not_met", "failed", "cancelled"]
 
 
 # Multipart file parts of `POST /v1/jobs` (besides the `spec` JSON part).
@@ -30,6 +31,14 @@ def _check_reference(value: str | None, what: str) -> str | None:
     if value is not None and not REFERENCE_RE.match(value):
         raise ValueError(f"{what} must be a reference 'package.module:callable', but got {value!r}.")
     return value
+
+
+class FieldError(ValueError):
+    """A check across fields of `JobCreate` that blames one of them (`spec_error` names it)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class JobCreate(BaseModel):
@@ -84,11 +93,13 @@ class JobCreate(BaseModel):
     @model_validator(mode="after")
     def _relative_budget(self) -> JobCreate:
         if self.relative and not self.max_drop < 1:
-            raise ValueError(f"`0 <= max_drop < 1` must hold for a relative budget, but got max_drop={self.max_drop}.")
+            raise FieldError("max_drop", f"`0 <= max_drop < 1` must hold for a relative budget, but got "
+                                         f"max_drop={self.max_drop}.")
         if self.evaluate is not None and self.evaluator is not None:
-            raise ValueError("give either `evaluate` (a reference) or `evaluator` (a built-in), not both.")
+            raise FieldError("evaluate", "give either `evaluate` (a reference) or `evaluator` (a built-in), not both.")
         if self.evaluate is None and self.evaluator is None:
-            raise ValueError("an evaluation is required: `evaluate` (reference) or `evaluator` ('top1' | 'agreement').")
+            raise FieldError("evaluate", "an evaluation is required: `evaluate` (reference) or `evaluator` "
+                                         "('top1' | 'agreement').")
         return self
 
 
@@ -164,8 +175,16 @@ class JobPublic(BaseModel):
     score: float | None = None
     drop: float | None = None
     coverage: float | None = Field(None, description="Share of MACs in INT8 of the chosen plan (0..1).")
-    met: bool | None = None
+    met: bool | None = Field(None, description="Whether the chosen plan's simulated drop is within the budget "
+                             "(the search's verdict; `outcome` is the job's).")
     deployed_score: float | None = Field(None, description="Score of the exported INT8 ONNX model on ONNX Runtime.")
+    deployed_drop: float | None = Field(None, description="Drop of `deployed_score` against the baseline, as the "
+                                        "budget measures it.")
+    outcome: Outcome | None = Field(None, description=(
+        "What the job delivered, null while queued or running: 'met' (succeeded and the model meets the budget, "
+        "simulated and, where it was evaluated, on ONNX Runtime), 'not_met' (succeeded, artifacts and report "
+        "available, but the budget is missed: by the best plan found, or by the exported model on ONNX Runtime), "
+        "'failed', 'cancelled'."))
     deployment: DeploymentPublic | None = Field(None, description="INT8 kernels and latency vs FP32 on ONNX Runtime.")
     reason: str | None = Field(None, description="Why the budget was not met / the search stopped, when it applies.")
     error: str | None = Field(None, description="Why the job failed.")
@@ -242,7 +261,16 @@ class ErrorBody(BaseModel):
 def spec_error(exc: ValidationError) -> tuple[str, str]:
     """The message and field of an invalid `JobCreate` (`spec.<field>: <rule>; ...`), as the API
     answers it and the SDK raises it before sending."""
-    errors = exc.errors()
-    loc = ".".join(str(p) for p in errors[0]["loc"])
-    message = "; ".join(f"spec{'.' if e['loc'] else ''}{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
-    return message, f"spec.{loc}" if loc else "spec"
+    located = [_located(e) for e in exc.errors()]
+    message = "; ".join(f"{where}: {text}" for where, text in located[:5])
+    return message, located[0][0]
+
+
+def _located(error: Any) -> tuple[str, str]:
+    """(`spec.<field>`, message) of one pydantic error; a cross-field check names its field."""
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):
+        return f"spec.{cause.field}", str(cause)
+    loc = ".".join(str(p) for p in error["loc"])
+    text = str(cause) if isinstance(cause, ValueError) else error["msg"]
+    return f"spec.{loc}" if loc else "spec", text

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from api.client import (
         APIError,
         AuthenticationError,
+        BudgetNotMetError,
         Client,
         ConflictError,
         InvalidInputError,
@@ -39,6 +40,7 @@ _LAZY = {
     "InvalidInputError": "api.client",
     "JobFailedError": "api.client",
     "JobCancelledError": "api.client",
+    "BudgetNotMetError": "api.client",
     "tune": "tuner",
     "TuneResult": "tuner",
     "TuneOptions": "tuner",

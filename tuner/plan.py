@@ -156,8 +156,10 @@ class Plan:
     def config(self, name: str) -> LayerConfig:
         return self.layers.get(name, FP32)
 
-    def summary(self) -> str:
-        """One line: how many layers are INT8 and the most common setting."""
+    def summary(self, most: int = 3) -> str:
+        """One line: how many layers are INT8 and with which settings, the commonest first with its
+        layer count (`4/4 int8: 3 entropy/scale/per_channel, 1 max/affine/per_channel`); past
+        `most` settings, how many more and on how many layers."""
         int8 = [c for c in self.layers.values() if c.int8]
         if not int8:
             return f"0/{len(self.layers)} int8"
@@ -165,9 +167,15 @@ class Plan:
         for c in int8:
             key = c.setting()
             settings[key] = settings.get(key, 0) + 1
-        top = max(settings, key=settings.__getitem__)
-        more = f" +{len(settings) - 1} other" if len(settings) > 1 else ""
-        return f"{len(int8)}/{len(self.layers)} int8 ({top}{more})"
+        head = f"{len(int8)}/{len(self.layers)} int8"
+        if len(settings) == 1:
+            return f"{head} ({next(iter(settings))})"
+        ranked = sorted(settings.items(), key=lambda item: -item[1])  # stable: ties keep layer order
+        shown = ", ".join(f"{n} {key}" for key, n in ranked[:most])
+        rest = ranked[most:]
+        more = (f", +{len(rest)} more setting{'s' if len(rest) > 1 else ''} on {sum(n for _, n in rest)} "
+                f"layer{'s' if sum(n for _, n in rest) > 1 else ''}") if rest else ""
+        return f"{head}: {shown}{more}"
 
     # -- JSON -------------------------------------------------------------------------------
 

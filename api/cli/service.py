@@ -1,17 +1,23 @@
-"""Service commands: `quanttune serve | worker | migrate | token create`."""
+"""Service commands: `quanttune serve | worker | migrate | token create | list | revoke`."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 
 DbOption = Annotated[str | None, typer.Option("--db", help="Database URL (env QUANTTUNE_DB); default: SQLite in the data dir.")]
@@ -68,17 +74,81 @@ def migrate(db: DbOption = None, data_dir: DataDirOption = None) -> None:
     typer.echo(f"database ready: {_safe(settings.db_url)}")
 
 
+NOT_A_DATABASE = ("run it where `quanttune serve` runs (its ./quanttune-data), or give `--db URL` or "
+                  "`--data-dir DIR` (env QUANTTUNE_DB / QUANTTUNE_DATA_DIR); `quanttune migrate` creates a database.")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _token_store(db: str | None, data_dir: Path | None) -> Iterator[Session]:
+    """A session on the service database; any database error is one line naming `--db` / `--data-dir`."""
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.engine import make_url
+
+    from worker.db import is_sqlite, make_engine, make_sessionmaker
+
+    url = _settings(db, data_dir).db_url
+    try:
+        if is_sqlite(url) and not Path(make_url(url).database or "").is_file():  # connecting would create it
+            raise _fail(f"no quanttune database at {make_url(url).database}: {NOT_A_DATABASE}")
+        engine = make_engine(url)
+        try:
+            if not inspect(engine).has_table("qt_tokens"):
+                raise _fail(f"{_safe(url)} is not a quanttune database (no tables): {NOT_A_DATABASE}")
+            with make_sessionmaker(engine)() as session:
+                yield session
+        finally:
+            engine.dispose()
+    except SQLAlchemyError as exc:
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise _fail(f"cannot use the database {_safe(url)}: {first}; {NOT_A_DATABASE}") from None
+
+
 def token_create(name: Annotated[str, typer.Option("--name", help="Who the token is for.")],
                  db: DbOption = None, data_dir: DataDirOption = None) -> None:
     """Create an API token and print it (only its hash is stored)."""
     from ..auth import create_token
-    from worker.db import make_engine, make_sessionmaker
 
-    settings = _settings(db, data_dir)
-    engine = make_engine(settings.db_url)
-    with make_sessionmaker(engine)() as session:
+    with _token_store(db, data_dir) as session:
         typer.echo(create_token(session, name))
-    engine.dispose()
+
+
+def token_list(db: DbOption = None, data_dir: DataDirOption = None,
+               as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
+    """List the API tokens: id, name, created, active or revoked, and how many jobs each owns."""
+    from ..auth import token_rows
+
+    with _token_store(db, data_dir) as session:
+        rows = token_rows(session)
+    if as_json:
+        typer.echo(json.dumps({"data": rows, "count": len(rows)}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="API tokens", caption=None if rows else "no tokens: `quanttune token create --name NAME`")
+    for column in ("id", "name", "state", "jobs", "created"):
+        table.add_column(column, justify="right" if column in ("id", "jobs") else "left")
+    for row in rows:
+        table.add_row(str(row["id"]), row["name"], row["state"], str(row["jobs"]), row["created_at"])
+    Console().print(table)
+
+
+def token_revoke(token_id: Annotated[int, typer.Argument(help="Token id (from `quanttune token list`).", min=1)],
+                 db: DbOption = None, data_dir: DataDirOption = None) -> None:
+    """Revoke a token: it no longer authenticates and its dashboard sessions end; its jobs stay."""
+    from ..auth import revoke_token
+
+    with _token_store(db, data_dir) as session:
+        name = revoke_token(session, token_id)
+    if name is None:
+        raise _fail(f"no token with id {token_id}: `quanttune token list` shows them.")
+    typer.echo(f"token {token_id} ({name}) revoked")
 
 
 def worker(db: DbOption = None, data_dir: DataDirOption = None, code: CodeOption = None,
@@ -183,4 +253,6 @@ def register(app: typer.Typer) -> None:
         app.command()(command)
     token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
     token_app.command("create")(token_create)
+    token_app.command("list")(token_list)
+    token_app.command("revoke")(token_revoke)
     app.add_typer(token_app, name="token")

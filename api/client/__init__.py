@@ -4,7 +4,7 @@
 
     client = Client("http://127.0.0.1:8000", token)          # or QUANTTUNE_URL / QUANTTUNE_TOKEN
     job = client.submit(model, calibration_batches, "tuner.examples.digits:evaluate", max_drop=0.01)
-    job.wait()                                               # live progress bar; raises if it fails
+    job.wait(raise_on_miss=True)                            # progress bar; raises if failed or not met
     int8 = job.load_model()                                  # ONNX Runtime, called like `model`
 
 `client.py` (`Client`), `job.py` (`Job`), `transport.py` (the one HTTP helper both use),
@@ -18,6 +18,7 @@ from .client import Client
 from .errors import (
     APIError,
     AuthenticationError,
+    BudgetNotMetError,
     ClientArgumentError,
     ConflictError,
     InvalidInputError,
@@ -32,6 +33,7 @@ from .job import Job
 __all__ = [
     "APIError",
     "AuthenticationError",
+    "BudgetNotMetError",
     "Client",
     "ClientArgumentError",
     "ConflictError",

@@ -14,9 +14,10 @@ shape of docs/api.md), so `str(error)` is what the server said.
     │   └── ServerError           5xx
     ├── ClientArgumentError      a local argument the SDK cannot send (also a ValueError)
     ├── NetworkError              the server could not be reached / answered in time (after retries)
-    ├── JobError                  `Job.wait`: the job ended without succeeding (`.job` is its JobPublic)
+    ├── JobError                  `Job.wait`: the job gave no model within its budget (`.job` is its JobPublic)
     │   ├── JobFailedError
-    │   └── JobCancelledError
+    │   ├── JobCancelledError
+    │   └── BudgetNotMetError     only with `Job.wait(raise_on_miss=True)`: it succeeded, but missed the budget
     └── WaitTimeoutError          `Job.wait(timeout=...)` ran out (also a builtin TimeoutError)
 """
 
@@ -94,7 +95,7 @@ class NetworkError(QuanttuneClientError):
 
 
 class JobError(QuanttuneClientError):
-    """A job ended without succeeding; `job` is its last `JobPublic`."""
+    """A job ended without a model within its budget; `job` is its last `JobPublic`."""
 
     def __init__(self, message: str, job: JobPublic) -> None:
         super().__init__(message)
@@ -107,6 +108,12 @@ class JobFailedError(JobError):
 
 class JobCancelledError(JobError):
     """The job was cancelled."""
+
+
+class BudgetNotMetError(JobError):
+    """The job succeeded (its report and artifacts can be read), but its `outcome` is 'not_met': no
+    plan met the accuracy budget, or the exported model misses it on ONNX Runtime. Raised by
+    `Job.wait(raise_on_miss=True)`; the CLI exits 4."""
 
 
 class WaitTimeoutError(QuanttuneClientError, TimeoutError):

@@ -19,7 +19,8 @@ from ..schemas import (
     TrialPublic,
     TrialsPublic,
 )
-from .errors import JobCancelledError, JobFailedError, NetworkError, WaitTimeoutError
+from .errors import BudgetNotMetError, JobCancelledError, JobFailedError, NetworkError, WaitTimeoutError
+from .progress import fmt_drop
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -79,15 +80,19 @@ class Job:
         return self.info
 
     def delete(self) -> None:
-        """Delete the job, its uploads, artifacts and trials."""
+        """Delete the job, its uploads, artifacts and trials; `ConflictError` while it is running (cancel it first)."""
         self.http.request("DELETE", f"/jobs/{self.id}", idempotent=True)
 
-    def wait(self, progress: bool | Console = True, *, timeout: float | None = None, poll: float = 1.0) -> JobPublic:
-        """Poll until the job finishes and return its final `JobPublic` when it succeeded.
+    def wait(self, progress: bool | Console = True, *, timeout: float | None = None, poll: float = 1.0,
+             raise_on_miss: bool = False) -> JobPublic:
+        """Poll until the job finishes and return its final `JobPublic` when it succeeded: check its
+        `outcome` ('met' or 'not_met': a succeeded job may have missed its budget).
 
         `progress`: show a live rich progress bar (on stderr; or on the given rich Console).
         Raises `JobFailedError` (message: the server's reason) or `JobCancelledError`, and
-        `WaitTimeoutError` when `timeout` seconds pass first (the job keeps running)."""
+        `WaitTimeoutError` when `timeout` seconds pass first (the job keeps running). With
+        `raise_on_miss=True`, a job that succeeded without meeting its budget raises
+        `BudgetNotMetError` (its `.job` is the final `JobPublic`) instead of returning."""
         deadline = None if timeout is None else time.monotonic() + timeout
         display = None
         if progress:
@@ -114,6 +119,8 @@ class Job:
             raise JobFailedError(f"job {self.id} failed: {info.error or 'no reason given'}", info)
         if info.status == "cancelled":
             raise JobCancelledError(f"job {self.id} was cancelled.", info)
+        if raise_on_miss and info.outcome == "not_met":
+            raise BudgetNotMetError(not_met_message(info), info)
         return info
 
     # -- results -----------------------------------------------------------------------------------
@@ -153,3 +160,15 @@ class Job:
             return load_onnx(self.download(directory, ["model.onnx"])["model.onnx"], threads=threads)
         with tempfile.TemporaryDirectory(prefix=f"quanttune-job-{self.id}-") as tmp:
             return load_onnx(self.download(tmp, ["model.onnx"])["model.onnx"], threads=threads)
+
+
+def not_met_message(info: JobPublic) -> str:
+    """Why a succeeded job's outcome is 'not_met', in one line."""
+    budget = f"{fmt_drop(info.max_drop, info.relative)} {'relative' if info.relative else 'absolute'}"
+    if info.met and info.deployed_drop is not None:
+        why = (f"the exported model's drop on ONNX Runtime is {fmt_drop(info.deployed_drop, info.relative)} "
+               f"(simulated {fmt_drop(info.drop, info.relative)})")
+    else:
+        why = f"the best plan's drop is {fmt_drop(info.drop, info.relative)}"
+    return (f"job {info.id} finished without meeting its budget: {why}, over the {budget} budget"
+            + (f"; {info.reason}" if info.reason else "") + ".")

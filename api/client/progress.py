@@ -24,6 +24,11 @@ def fmt_drop(value: float | None, relative: bool) -> str:
     return f"{value:.2%}" if relative else f"{value:.4g}"
 
 
+def plural(n: int, word: str) -> str:
+    """`1 trial`, `2 trials`, `0 trials`."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def fmt_share(value: float | None) -> str:
     return DASH if value is None else f"{value:.0%}"
 
@@ -33,9 +38,10 @@ def budget_text(job: JobPublic) -> str:
 
 
 def outcome(job: JobPublic) -> tuple[float | None, float | None, float | None, bool | None]:
-    """(score, drop, coverage, met): the final figures once the job succeeded, else the best so far."""
+    """(score, drop, coverage, met): the final figures once the job succeeded (met: its `outcome`,
+    which also counts the exported model on ONNX Runtime), else the best so far."""
     if job.status == "succeeded" and job.score is not None:
-        return job.score, job.drop, job.coverage, job.met
+        return job.score, job.drop, job.coverage, job.outcome == "met"
     p = job.progress
     return p.best_score, p.best_drop, p.best_coverage, p.met
 
@@ -47,15 +53,26 @@ def progress_line(job: JobPublic) -> str:
     baseline = f" (FP32 {fmt_score(job.baseline)})" if job.baseline is not None else ""
     return (f"best {fmt_score(score)}{baseline} · drop {fmt_drop(drop, job.relative)} of "
             f"{fmt_drop(job.max_drop, job.relative)}{mark} · INT8 MACs {fmt_share(coverage)} · "
-            f"{job.progress.evaluations} evals")
+            f"{plural(job.progress.evaluations, 'eval')}")
 
 
 def trials_text(job: JobPublic) -> str:
     done = job.progress.trials
-    return f"{done}/{job.max_trials} trials" if job.max_trials else f"{done} trial{'s' if done != 1 else ''}"
+    return f"{done}/{plural(job.max_trials, 'trial')}" if job.max_trials else plural(done, "trial")
 
 
 STATUS_STYLE = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "magenta"}
+OUTCOME_STYLE = {"met": "green", "not_met": "dark_orange", "failed": "red", "cancelled": "magenta"}
+
+
+def outcome_text(job: JobPublic) -> str:
+    """The job's outcome in rich markup: `MET`, `NOT MET` (warning colour), `failed`, `cancelled`;
+    while it runs, whether the best plan so far meets the budget."""
+    if job.outcome is None:
+        met = job.progress.met
+        return "–" if met is None else f"[dim]so far {'met' if met else 'not met'}[/]"
+    label = {"met": "MET", "not_met": "NOT MET"}.get(job.outcome, job.outcome)
+    return f"[{OUTCOME_STYLE[job.outcome]}]{label}[/]"
 
 
 class _TwoLineProgress(Progress):

@@ -8,7 +8,17 @@ from typing import Any
 from rich.table import Table
 
 from ..schemas import ArtifactPublic, DeploymentPublic, JobPublic, TrialPublic
-from .progress import STATUS_STYLE, budget_text, fmt_drop, fmt_score, fmt_share, outcome, progress_line
+from .progress import (
+    STATUS_STYLE,
+    budget_text,
+    fmt_drop,
+    fmt_score,
+    fmt_share,
+    outcome,
+    outcome_text,
+    plural,
+    progress_line,
+)
 
 TRIAL_STYLE = {"COMPLETE": "green", "FAIL": "red", "RUNNING": "cyan", "PRUNED": "dim", "WAITING": "yellow"}
 
@@ -21,19 +31,15 @@ def _status(status: str) -> str:
     return f"[{STATUS_STYLE.get(status, 'white')}]{status}[/]"
 
 
-def _met(met: bool | None) -> str:
-    return "–" if met is None else "[green]yes[/]" if met else "[red]no[/]"
-
-
 def jobs_table(jobs: list[JobPublic], count: int | None = None) -> Table:
-    caption = f"{len(jobs)} of {count} job(s)" if count is not None and count != len(jobs) else None
+    caption = f"{len(jobs)} of {plural(count, 'job')}" if count is not None and count != len(jobs) else None
     table = Table(title="jobs", caption=caption)
-    for column in ("id", "name", "status", "trials", "score", "drop", "met", "INT8 MACs", "created"):
+    for column in ("id", "name", "status", "outcome", "trials", "score", "drop", "INT8 MACs", "created"):
         table.add_column(column, justify="right" if column in ("id", "trials", "score", "drop", "INT8 MACs") else "left")
     for job in jobs:
-        score, drop, coverage, met = outcome(job)
-        table.add_row(str(job.id), job.name, _status(job.status), str(job.progress.trials), fmt_score(score),
-                      fmt_drop(drop, job.relative), _met(met), fmt_share(coverage), _when(job.created_at))
+        score, drop, coverage, _ = outcome(job)
+        table.add_row(str(job.id), job.name, _status(job.status), outcome_text(job), str(job.progress.trials),
+                      fmt_score(score), fmt_drop(drop, job.relative), fmt_share(coverage), _when(job.created_at))
     return table
 
 
@@ -43,20 +49,22 @@ def job_table(job: JobPublic) -> Table:
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     rows: list[tuple[str, str]] = [
-        ("status", _status(job.status) + (f" ({job.workers} worker(s))" if job.workers else "")),
+        ("status", _status(job.status) + (f" ({plural(job.workers, 'worker')})" if job.workers else "")),
+        ("outcome", outcome_text(job)),
         ("model", job.model_source),
         ("calibration", job.calibration_source),
         ("evaluation", job.evaluation_source),
         ("budget", f"drop ≤ {budget_text(job)}, {'higher' if job.higher_is_better else 'lower'} is better"),
         ("limits", f"max_trials {job.max_trials or '–'}, timeout {job.timeout or '–'} s, parallelism {job.parallelism}"),
-        ("progress", f"{job.progress.trials} trial(s): {progress_line(job)}"),
+        ("progress", f"{plural(job.progress.trials, 'trial')}: {progress_line(job)}"),
     ]
     if job.status == "succeeded":
         rows += [
             ("baseline (FP32)", fmt_score(job.baseline)),
             ("score (INT8)", f"{fmt_score(job.score)} simulated, {fmt_score(job.deployed_score)} on ONNX Runtime"),
-            ("drop", f"{fmt_drop(job.drop, job.relative)} (budget {budget_text(job)}): "
-                     f"{'[green]MET[/]' if job.met else '[red]NOT MET[/]'}"),
+            ("drop", f"{fmt_drop(job.drop, job.relative)} simulated"
+                     + (f", {fmt_drop(job.deployed_drop, job.relative)} on ONNX Runtime" if job.deployed_drop is not None
+                        else "") + f" (budget {budget_text(job)}): {outcome_text(job)}"),
             ("INT8 MACs", fmt_share(job.coverage)),
         ]
         if job.deployment is not None:
@@ -198,7 +206,9 @@ def report_summary(report: dict[str, Any]) -> str:
         f"FP32 baseline {fmt_score(report.get('baseline'))}  |  INT8 {fmt_score(report.get('score'))} simulated, "
         f"{fmt_score(report.get('deployed_score'))} on ONNX Runtime",
         f"drop {fmt_drop(report.get('drop'), relative)} (budget {fmt_drop(budget.get('max_drop'), relative)} "
-        f"{'relative' if relative else 'absolute'}): {'[green]MET[/]' if report.get('met') else '[red]NOT MET[/]'}",
+        f"{'relative' if relative else 'absolute'}"
+        + (f", {fmt_drop(report['deployed_drop'], relative)} on ONNX Runtime" if report.get("deployed_drop") is not None
+           else "") + f"): {'[green]MET[/]' if _report_met(report) else '[dark_orange]NOT MET[/]'}",
         f"INT8 layers {len(int8)}/{len(int8) + len(fp32)}: MACs in INT8 {fmt_share(cov.get('macs'))}{size}"
         + (f"  |  FP32: {', '.join(fp32)}" if fp32 else ""),
         f"evaluations {report.get('evaluations')}  |  trials {len(report.get('trials') or [])}",
@@ -209,6 +219,13 @@ def report_summary(report: dict[str, Any]) -> str:
     if report.get("reason"):
         lines.append(f"reason: {report['reason']}")
     return "\n".join(lines)
+
+
+def _report_met(report: dict[str, Any]) -> bool:
+    """As the job's outcome: the best plan met the budget, and so did the exported model on ONNX
+    Runtime where it was evaluated."""
+    deployed, budget = report.get("deployed_drop"), (report.get("budget") or {}).get("max_drop")
+    return bool(report.get("met")) and (deployed is None or budget is None or deployed <= budget)
 
 
 def artifacts_table(artifacts: list[ArtifactPublic], paths: dict[str, Any] | None = None) -> Table:

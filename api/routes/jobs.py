@@ -85,9 +85,10 @@ def cancel(job: JobDep, session: SessionDep) -> JobPublic:
     return jobs_public(session, [cancel_job(session, job)])[0]
 
 
-@router.delete("/{job_id}", status_code=204, response_class=Response, responses=_ERRORS)
+@router.delete("/{job_id}", status_code=204, response_class=Response, responses={**_ERRORS, 409: {"model": ErrorBody}})
 def delete(job: JobDep, session: SessionDep, studies: StudiesDep) -> Response:
-    """Delete a job, its uploads, artifacts and Optuna study (a running job's workers stop)."""
+    """Delete a job, its uploads, artifacts and Optuna study (its trials). A running job is refused
+    (409): cancel it first."""
     job_id = job.id
     delete_job(session, job)
     studies.delete(job_id)

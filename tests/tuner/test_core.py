@@ -187,3 +187,19 @@ def test_report_measures_an_embedding_under_weight_settings_only(tiny_encoder, e
     # a report restricted to one weight granularity measures just that one for the embedding
     only = layer_report(tiny_encoder, calib, [LayerConfig(activation="mse", weights="per_tensor")])
     assert list(only.layers["embed"].sqnr) == ["weight-only/per_tensor"]
+
+
+def test_plan_summary_names_every_setting_with_its_layer_count() -> None:
+    def int8(activation: str, scheme: str, weights: str) -> LayerConfig:
+        return LayerConfig(activation=activation, scheme=scheme, weights=weights)
+
+    one = Plan({"a": int8("max", "affine", "per_channel"), "b": LayerConfig(precision="fp32")})
+    assert one.summary() == "1/2 int8 (max/affine/per_channel)"
+    mixed = Plan({"a": int8("max", "affine", "per_channel"), "b": int8("entropy", "symmetric", "per_channel"),
+                  "c": int8("entropy", "symmetric", "per_channel"), "d": int8("mse", "affine", "per_tensor")})
+    assert mixed.summary() == "4/4 int8: 2 entropy/symmetric/per_channel, 1 max/affine/per_channel, 1 mse/affine/per_tensor"
+    many = Plan({**mixed.layers, "e": int8("max", "affine", "per_tensor"), "f": int8("mse", "symmetric", "per_tensor"),
+                 "g": int8("mse", "symmetric", "per_tensor")})
+    assert many.summary() == ("7/7 int8: 2 entropy/symmetric/per_channel, 2 mse/symmetric/per_tensor, "
+                              "1 max/affine/per_channel, +2 more settings on 2 layers")
+    assert Plan({"a": LayerConfig(precision="fp32")}).summary() == "0/1 int8"

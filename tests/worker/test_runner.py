@@ -170,9 +170,15 @@ def test_uploaded_export_archive_becomes_the_model(service: TestClient, tmp_path
 
 
 @SQLITE
-def test_deleting_a_running_job_stops_its_worker(service: TestClient, running_job: RunningJob) -> None:
+def test_a_running_job_is_deleted_once_cancelled_and_its_worker_stops(service: TestClient,
+                                                                      running_job: RunningJob) -> None:
     job_id = running_job.id
-    assert service.delete(f"/v1/jobs/{job_id}").status_code == 204
+    refused = service.delete(f"/v1/jobs/{job_id}")
+    assert refused.status_code == 409 and refused.json()["error"]["message"] == (
+        f"job {job_id} is running: cancel it first (POST /v1/jobs/{job_id}/cancel, `quanttune cancel {job_id}`), "
+        "then delete it.")
+    assert service.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    assert service.delete(f"/v1/jobs/{job_id}").status_code == 204  # at once: the worker may still be mid-trial
     outcome = running_job.join()
     assert not running_job.thread.is_alive() and outcome[0] in ("released", "lost")
     assert service.get(f"/v1/jobs/{job_id}").status_code == 404

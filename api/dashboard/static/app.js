@@ -60,6 +60,7 @@
     if (s < 86400) return (s / 3600).toFixed(1) + " h ago";
     return (s / 86400).toFixed(1) + " d ago";
   }
+  const plural = (n, word) => n + " " + word + (n === 1 ? "" : "s"); // 1 trial, 2 trials
   const metBudget = (job, drop) => isNum(drop) && drop <= job.max_drop + 1e-12;
   const scale = (job) => (job.relative ? 100 : 1); // drops shown in % when relative
 
@@ -85,17 +86,21 @@
     return el("span", { class: "badge status-" + status, text: status });
   }
 
-  // the job's outcome: "met", "not-met" (succeeded without meeting the budget), "failed", or null
-  // (still running, cancelled). From `met` of the job (the report's `met`), derived here.
+  // the job's outcome as the API states it (`outcome`: "met" | "not_met" | "failed" | "cancelled",
+  // null while queued or running), spelled as a CSS class suffix: "met", "not-met", ...
   function outcome(job) {
-    if (job.status === "failed") return "failed";
-    if (job.status !== "succeeded") return null;
-    return job.met === false ? "not-met" : "met";
+    return job.outcome ? job.outcome.replace("_", "-") : null;
+  }
+
+  function notMetTitle(job) {
+    return job.met && isNum(job.deployed_drop)
+      ? "the job finished, but the exported model misses the accuracy budget on ONNX Runtime (drop " + fmtDrop(job, job.deployed_drop) + ")"
+      : "the job finished, but no plan met the accuracy budget";
   }
 
   function outcomeBadge(job) {
     return outcome(job) === "not-met"
-      ? el("span", { class: "badge outcome-not-met", title: "the job finished, but no plan met the accuracy budget" }, "budget not met")
+      ? el("span", { class: "badge outcome-not-met", title: notMetTitle(job) }, "budget not met")
       : null;
   }
 
@@ -138,7 +143,7 @@
       const coverage = done ? job.coverage : p.best_coverage;
       const phase = !p.trials ? phaseOf(job, ledger, null) : null;
       const progress = el("td", {}, phase ? el("span", { class: "phase" }, phase + "…")
-        : p.trials + (job.max_trials ? " / " + job.max_trials : "") + " trials");
+        : (job.max_trials ? p.trials + " / " + plural(job.max_trials, "trial") : plural(p.trials, "trial")));
       if (job.max_trials && ACTIVE.has(job.status)) {
         const share = Math.min(1, p.trials / job.max_trials);
         progress.append(el("div", { class: "bar" }, el("span", { style: "width:" + (100 * share).toFixed(0) + "%" })));
@@ -230,7 +235,9 @@
       const status = document.getElementById("job-status");
       status.textContent = job.status;
       status.className = "badge status-" + job.status;
-      document.getElementById("job-outcome").hidden = outcome(job) !== "not-met";
+      const outcomeNode = document.getElementById("job-outcome");
+      outcomeNode.hidden = outcome(job) !== "not-met";
+      if (!outcomeNode.hidden) outcomeNode.title = notMetTitle(job);
       document.body.dataset.outcome = outcome(job) || "";
       const phase = phaseOf(job, ledger, trials);
       const phaseNode = document.getElementById("job-phase");
@@ -257,7 +264,7 @@
           (isNum(drop) ? (metBudget(job, drop) ? "within" : "over") + " the " : "") + (job.relative ? "relative" : "absolute") +
           " budget " + fmtDrop(job, job.max_drop)],
         ["INT8 coverage", fmtPct(done ? job.coverage : p.best_coverage), "share of MACs"],
-        ["Trials", p.trials + (job.max_trials ? " / " + job.max_trials : ""), job.workers + " worker(s) now"],
+        ["Trials", p.trials + (job.max_trials ? " / " + job.max_trials : ""), plural(job.workers, "worker") + " now"],
         ["Evaluations", String(p.evaluations), "calls of the evaluation"],
         ["Deployed score", scoreError && !isNum(job.deployed_score) ? el("span", { class: "miss", title: scoreError }, "not measured")
           : fmtNum(job.deployed_score), scoreError && !isNum(job.deployed_score) ? scoreError : "ONNX Runtime, INT8"],
@@ -407,7 +414,7 @@
         if (t.evaluated) w.evaluated += 1;
         by.set(t.worker, w);
       }
-      const parts = [...by.entries()].sort().map(([name, w]) => name + ": " + w.trials + " trial(s), " + w.evaluated + " evaluated");
+      const parts = [...by.entries()].sort().map(([name, w]) => name + ": " + plural(w.trials, "trial") + ", " + w.evaluated + " evaluated");
       document.getElementById("by-worker").textContent = parts.length ? "By worker — " + parts.join("; ") : "";
     }
 

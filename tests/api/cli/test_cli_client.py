@@ -22,6 +22,7 @@ from tuner.examples import digits
 
 REPO = Path(__file__).resolve().parents[3]
 LAYERS = ["conv1", "conv2", "fc1", "fc2"]
+NAIVE = '{"activation": ["max"], "scheme": ["affine"], "weights": ["per_tensor"], "smooth": false}'  # breaks 1%
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,7 @@ def submitted(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
 def test_submit_wait_prints_the_progress_bar_then_the_job_as_json(submitted: dict) -> None:
     job, result = submitted["job"], submitted["result"]
     assert job["status"] == "succeeded" and job["met"] is True and job["name"] == "cli job"
+    assert job["outcome"] == "met"
     assert job["evaluation_source"] == "builtin:agreement" and job["calibration_source"] == "upload:calib.safetensors"
     assert job["baseline"] == 100.0  # the FP32 model agrees with itself
     # the progress bar went to stderr (stdout stays JSON): its final state
@@ -92,6 +94,26 @@ def test_jobs_status_trials_report_as_tables_and_json(env: dict[str, str], submi
         assert re.search(rf"{layer}\s+│.*│\s+{re.escape(runs)}\s+│", report.stdout), (layer, runs)
 
 
+def test_a_missed_budget_exits_4_and_says_not_met_everywhere(env: dict[str, str], submitted: dict) -> None:
+    missed = cli(env, "submit", "tuner.examples.digits:build_model", "-c", "tuner.examples.digits:calibration_data",
+                 "-e", "tuner.examples.digits:evaluate", "--space", NAIVE, "--max-trials", "1",
+                 "--name", "missed", "--wait", "--json")
+    assert missed.exit_code == 4, missed.output
+    job = json.loads(missed.stdout)  # the job as JSON on stdout, the one-line reason on stderr
+    assert job["status"] == "succeeded" and job["outcome"] == "not_met" and job["met"] is False
+    assert f"job {job['id']} finished without meeting its budget: the best plan's drop is" in missed.stderr
+    assert "over the 1.00% relative budget" in missed.stderr
+
+    waited = cli(env, "wait", str(job["id"]))
+    assert waited.exit_code == 4 and "NOT MET" in waited.stdout and "finished without meeting" in waited.stderr
+    assert cli(env, "wait", str(submitted["job"]["id"])).exit_code == 0
+    status = cli(env, "status", str(job["id"]))
+    assert status.exit_code == 0 and re.search(r"outcome\s+│ NOT MET", status.stdout), status.stdout
+    rows = {line.split("│")[1].strip(): line for line in cli(env, "jobs").stdout.splitlines() if line.count("│") > 5}
+    assert "NOT MET" in rows[str(job["id"])] and "succeeded" in rows[str(job["id"])]
+    assert re.search(r"succeeded\s+│ MET ", rows[str(submitted["job"]["id"])])
+
+
 def test_download_writes_the_artifacts(env: dict[str, str], submitted: dict, tmp_path: Path) -> None:
     job = submitted["job"]
     result = cli(env, "download", str(job["id"]), str(tmp_path / "out"), "--json")
@@ -126,7 +148,7 @@ def test_failures_exit_non_zero_with_the_servers_message(env: dict[str, str], su
     rejected = cli(env, "submit", "os:system", "-c", "tuner.examples.digits:calibration_data",
                    "-e", "tuner.examples.digits:evaluate")
     assert rejected.exit_code == 1
-    assert "'os:system' is not allowed" in rejected.stderr and "422 disallowed_reference, spec.model" in rejected.stderr
+    assert "'os:system' is not allowed" in rejected.stderr and "422 disallowed_reference, MODEL" in rejected.stderr
     missing = cli(env, "submit", "tuner.examples.digits:build_model", "-c", "missing.safetensors", "-e", "agreement")
     assert missing.exit_code == 1 and "missing.safetensors" in missing.stderr and "does not exist" in missing.stderr
     bad_space = cli(env, "submit", "tuner.examples.digits:build_model", "-c", "tuner.examples.digits:calibration_data",

@@ -21,10 +21,12 @@ import torch
 from api.client import Client
 from api.client.errors import (
     AuthenticationError,
+    BudgetNotMetError,
     ConflictError,
     ClientArgumentError,
     InvalidInputError,
     JobCancelledError,
+    JobError,
     NetworkError,
     NotFoundError,
     QuanttuneClientError,
@@ -147,6 +149,18 @@ def test_an_evaluation_failing_on_the_onnx_model_keeps_the_finished_search(clien
     shown = CliRunner().invoke(app, ["status", str(info.id)], env={"QUANTTUNE_URL": client.url, "COLUMNS": "400",
                                                                    "QUANTTUNE_TOKEN": token})
     assert shown.exit_code == 0 and "not measured (score): the evaluation raised TypeError" in shown.output
+
+
+def test_wait_tells_a_missed_budget_and_raises_on_request(client: Client) -> None:
+    job = client.submit("tuner.examples.digits:build_model", "tuner.examples.digits:calibration_data",
+                        "tuner.examples.digits:evaluate", space=NAIVE, max_trials=1, name="missed")
+    info = job.wait(progress=False)  # by default it returns: the report and artifacts are there to read
+    assert info.status == "succeeded" and info.outcome == "not_met" and info.met is False
+    with pytest.raises(BudgetNotMetError) as raised:
+        job.wait(progress=False, raise_on_miss=True)
+    assert raised.value.job.outcome == "not_met" and isinstance(raised.value, JobError)
+    assert str(raised.value).startswith(f"job {job.id} finished without meeting its budget: the best plan's drop is")
+    assert job.report()["met"] is False
 
 
 def test_cancel_a_running_job(client: Client, tmp_path: Path, wait_until) -> None:  # noqa: ANN001

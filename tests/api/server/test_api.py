@@ -151,12 +151,34 @@ def test_cancel_and_delete(service: TestClient) -> None:
 SQLITE_ONLY = pytest.mark.parametrize("migrated_db", ["sqlite"], indirect=True)  # checks that run before any write
 
 
+def test_outcome_says_met_or_not_met_for_every_finish(service: TestClient) -> None:
+    """`outcome` is derived from what the worker stored: a succeeded job whose search met the
+    budget but whose exported model misses it on ONNX Runtime is 'not_met' too."""
+    ids = [submit(service, service.alice, {"max_drop": 0.01}).json()["id"] for _ in range(6)]
+    finished = {  # status, met, score and deployed score against a baseline of 90 (budget: 1% relative = 0.9)
+        ids[0]: ("succeeded", True, 89.5, 89.5), ids[1]: ("succeeded", False, 80.0, 80.0),
+        ids[2]: ("succeeded", True, 89.5, 85.0), ids[3]: ("succeeded", True, 89.5, None),
+        ids[4]: ("failed", None, None, None)}
+    with service.sessions() as session:
+        for job_id, (status, met, score, deployed) in finished.items():
+            job = session.get(JobRecord, job_id)
+            job.status, job.met, job.baseline, job.score, job.deployed_score = status, met, 90.0, score, deployed
+        session.commit()
+    assert service.post(f"/v1/jobs/{ids[5]}/cancel", headers=service.alice).json()["outcome"] == "cancelled"
+    jobs = {j["id"]: j for j in service.get("/v1/jobs", headers=service.alice).json()["data"]}
+    assert [jobs[i]["outcome"] for i in ids] == ["met", "not_met", "not_met", "met", "failed", "cancelled"]
+    assert jobs[ids[2]]["met"] is True and jobs[ids[2]]["deployed_drop"] == pytest.approx(5 / 90)
+    assert jobs[ids[3]]["deployed_drop"] is None
+    queued = submit(service, service.alice).json()
+    assert queued["outcome"] is None and queued["deployed_drop"] is None
+
+
 @SQLITE_ONLY
 @pytest.mark.parametrize(("spec", "field", "code"), [
     ("{not json", "spec", "invalid_input"),
     ("[1, 2]", "spec", "invalid_input"),
     ({"max_drop": -0.1}, "spec.max_drop", "invalid_input"),
-    ({"max_drop": 1.5}, "spec", "invalid_input"),  # relative budgets must be < 1
+    ({"max_drop": 1.5}, "spec.max_drop", "invalid_input"),  # relative budgets must be < 1
     ({"max_trials": 0}, "spec.max_trials", "invalid_input"),
     ({"parallelism": 0}, "spec.parallelism", "invalid_input"),
     ({"surprise": 1}, "spec.surprise", "invalid_input"),
@@ -169,8 +191,8 @@ SQLITE_ONLY = pytest.mark.parametrize("migrated_db", ["sqlite"], indirect=True) 
     ({"evaluate": "tuner.examples.digits:_splits"}, "spec.evaluate", "disallowed_reference"),
     ({"evaluate": "tuner.examples.digits:SEED"}, "spec.evaluate", "disallowed_reference"),
     ({"evaluate": "../etc/passwd"}, "spec.evaluate", "invalid_input"),
-    ({"evaluate": None}, "spec", "invalid_input"),  # no evaluation at all
-    ({"evaluator": "top1"}, "spec", "invalid_input"),  # both a reference and a built-in
+    ({"evaluate": None}, "spec.evaluate", "invalid_input"),  # no evaluation at all
+    ({"evaluator": "top1"}, "spec.evaluate", "invalid_input"),  # both a reference and a built-in
     ({"model": None}, "spec.model", "invalid_input"),  # no model source
     ({"space": {"activation": ["magic"]}}, "spec.space", "invalid_input"),
     ({"space": {"speed": "fast"}}, "spec.space", "invalid_input"),

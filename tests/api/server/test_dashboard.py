@@ -329,7 +329,7 @@ def test_finished_job_pages_render_every_plot_table_and_layer(alice_page: Page, 
     assert numbers == sorted(t["number"] for t in trials)
     workers = page.locator("#trials tbody tr").evaluate_all("rs => rs.map(r => r.children[7].textContent)")
     assert workers == [t["worker"] for t in sorted(trials, key=lambda t: t["number"])]  # who ran each trial
-    assert page.inner_text("#by-worker").startswith(f"By worker — {trials[0]['worker']}: {len(trials)} trial(s)")
+    assert page.inner_text("#by-worker").startswith(f"By worker — {trials[0]['worker']}: {len(trials)} trial{'s' if len(trials) != 1 else ''}")
     page.click("#trials th[data-key='score']")
     by_score = [t["score"] for t in sorted(trials, key=lambda t: (t["score"] is None, t["score"] or 0, t["number"]))]
     shown = page.locator("#trials tbody tr").evaluate_all("rs => rs.map(r => r.children[3].textContent)")
