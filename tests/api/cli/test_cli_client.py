@@ -25,12 +25,6 @@ LAYERS = ["conv1", "conv2", "fc1", "fc2"]
 NAIVE = '{"activation": ["max"], "scheme": ["affine"], "weights": ["per_tensor"], "smooth": false}'  # breaks 1%
 
 
-@pytest.fixture(scope="module")
-def env(running_server) -> dict[str, str]:  # noqa: ANN001
-    return {"QUANTTUNE_URL": running_server.url, "QUANTTUNE_TOKEN": running_server.new_token("cli-tests"),
-            "COLUMNS": "200"}
-
-
 def cli(env: dict[str, str], *args: str):  # noqa: ANN201
     return CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
 

@@ -15,12 +15,6 @@ from api.cli import app
 DIGITS = ("tuner.examples.digits:build_model", "-c", "tuner.examples.digits:calibration_data")
 
 
-@pytest.fixture(scope="module")
-def env(running_server) -> dict[str, str]:  # noqa: ANN001
-    return {"QUANTTUNE_URL": running_server.url, "QUANTTUNE_TOKEN": running_server.new_token("cli-messages"),
-            "COLUMNS": "200"}
-
-
 def cli(env: dict[str, str], *args: str):  # noqa: ANN201
     return CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
 
@@ -52,7 +46,7 @@ def test_token_list_and_revoke(running_server, env: dict[str, str]) -> None:  # 
     refused = cli({**env, "QUANTTUNE_TOKEN": doomed}, "jobs")
     assert refused.exit_code == 1 and "invalid token." in refused.stderr
     table = cli(env, "token", "list", "--db", running_server.db_url)
-    assert table.exit_code == 0 and "revoked" in table.stdout and "cli-messages" in table.stdout
+    assert table.exit_code == 0 and "revoked" in table.stdout and "test_cli_messages" in table.stdout
     unknown = cli(env, "token", "revoke", "999999", "--db", running_server.db_url)
     assert unknown.exit_code == 1 and "no token with id 999999" in unknown.stderr
 
