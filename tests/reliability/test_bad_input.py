@@ -170,7 +170,7 @@ def test_malformed_spec_json_is_422(service: TestClient, spec: str, says: str) -
 
 @pytest.mark.parametrize(("change", "field"), [
     ({"max_drop": -0.01, "relative": False}, "spec.max_drop"),
-    ({"max_drop": 1.0}, "spec"),  # a relative budget of 100% or more
+    ({"max_drop": 1.0}, "spec.max_drop"),  # a relative budget of 100% or more (a cross-field check, named too)
     ({"max_drop": "lots"}, "spec.max_drop"),
     ({"max_drop": 1e10, "relative": False}, "spec.max_drop"),
     ({"timeout": 0}, "spec.timeout"),
