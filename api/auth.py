@@ -91,8 +91,14 @@ DOCUMENTED_BEARER = HTTPBearer(auto_error=False, scheme_name="token",
 
 def current_owner(request: Request, session: Annotated[Session, Depends(request_session)],
                   _documented: Annotated[HTTPAuthorizationCredentials | None, Depends(DOCUMENTED_BEARER)] = None) -> Token:
-    """The token-holder of this request, from the first auth source that yields a token."""
-    return authenticate(request, session)
+    """The token-holder of this request, from the first auth source that yields a token. The
+    connection the check used goes back to the pool here, in the same thread: left to the route, its
+    release would queue for a request thread behind other requests' auth checks, each holding a
+    connection, and a burst of submissions exhausted the pool (8 of 50 concurrent submits got 503)."""
+    try:
+        return authenticate(request, session)
+    finally:
+        session.close()  # the route's next query checks a connection out again
 
 
 def authenticate(request: Request, session: Session) -> Token:

@@ -43,9 +43,8 @@ async def create(
     eval_file: Annotated[UploadFile | None, File(description="data of the built-in evaluator")] = None,
 ) -> JobPublic:
     """Submit a job. Everything is checked before anything is stored."""
-    # hand the connection the auth check used back to the pool while the uploads are read and checked
-    # (seconds for a large model): many concurrent submissions must not exhaust the pool
-    await run_in_threadpool(session.close)
+    # the auth check has handed its connection back (`current_owner`): none is held while the uploads
+    # are read and checked (seconds for a large model)
     job_spec = parse_spec(spec)
     uploads: dict[str, Upload] = {}
     for role, part in (("model_file", model_file), ("weights_file", weights_file),
