@@ -151,7 +151,9 @@ def run(root: Path, db: str | None, case: str, workers: int) -> dict:
             print(f"    trial {t['number']:>2} {t['state']:<8} {t['worker'] or '-':<28} start "
                   f"{(start - t0).total_seconds() if start else float('nan'):6.2f}s dur {t['duration_s'] or 0:5.2f}s "
                   f"{'evaluated' if t['evaluated'] else ''} {t['summary']}")
-        print((root / "serve.log").read_text()[-6000:] if os.environ.get("QT_BENCH_TIMELINE") == "log" else "")
+        if os.environ.get("QT_BENCH_TIMELINE") == "log":  # the workers' lines (not the HTTP access log)
+            print("\n".join(line for line in (root / "serve.log").read_text().splitlines()
+                            if "quanttune" in line and "HTTP/1.1" not in line))
     by_worker = Counter(t["worker"] for t in trials if t["worker"])
     return {"wall_s": seconds(job), "evaluations": job["progress"]["evaluations"], "trials": job["progress"]["trials"],
             "coverage": job["coverage"], "met": job["met"], "drop": job["drop"],

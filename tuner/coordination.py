@@ -1,12 +1,14 @@
 """What the processes working on one study do once between them (`tuner.prepared.SharedStore`
 decides who): evaluate the FP32 baseline, calibrate and measure the per-layer error report, and
-finish the search; plus the claim on evaluating one plan."""
+finish the search; plus the claim on evaluating one plan, and the FP32 ONNX model of the deployed
+check's latency, exported by a worker with nothing else to do."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -18,12 +20,15 @@ from torch import nn
 from .batches import as_batches
 from .calibrate import Calibration, calibrate
 from .errors import EvaluationError, InvalidArgumentError, Stopped
-from .prepared import SharedStore, dump_prepared, load_prepared, once
+from .plan import FP32, Plan
+from .prepared import POLL_S, SharedStore, dump_prepared, load_prepared, once
 from .report import LayerReport, layer_report
 from .space import SearchSpace
 
 WAIT_S = 0.25  # how often a worker with nothing to evaluate looks for other workers' results
 FINISHER_CHECK_S = 5.0  # how often a worker waiting for the one finishing the study checks that it lives
+FP32_ONNX = "fp32-onnx"  # the shared entry: the model exported all-FP32 (b"": too large to share)
+FP32_ONNX_MAX_BYTES = 256 << 20  # larger FP32 models are exported by the finishing worker, not stored
 
 
 def _baseline(study: optuna.Study, model: nn.Module, evaluate: Callable[[Any], float], shared: SharedStore,
@@ -113,9 +118,11 @@ def space_key(space: SearchSpace) -> str:
     return hashlib.sha256(json.dumps(space.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def finisher(shared: SharedStore, stop_asked: Callable[[], bool], log) -> bool:  # noqa: ANN001
+def finisher(shared: SharedStore, stop_asked: Callable[[], bool], log,  # noqa: ANN001
+             idle: Callable[[], None] = lambda: None) -> bool:
     """Whether this process verifies and returns the result: when several workers end the search,
-    one does; the others wait until it has (the job ends: `stop_asked`), or take over if it died."""
+    one does; the others wait until it has (the job ends: `stop_asked`), or take over if it died.
+    A waiting worker calls `idle()` first (work that helps the one finishing)."""
     waiting = False
     next_claim = 0.0
     while not stop_asked():
@@ -126,5 +133,49 @@ def finisher(shared: SharedStore, stop_asked: Callable[[], bool], log) -> bool: 
         if not waiting:
             log("[quanttune] another worker is finishing this study: waiting for it")
             waiting = True
+            idle()
+            continue
         time.sleep(4 * WAIT_S)
     return False
+
+
+def export_fp32(model: nn.Module, calib: Calibration) -> bytes:
+    """The model exported to ONNX with every layer FP32: what the deployed check times INT8 against
+    (the same for every plan). b"" when it is too large to share (or spills into external data)."""
+    from .onnx_export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, Plan.uniform(calib.layers, FP32), calib, f"{tmp}/model-fp32.onnx")
+        if path.with_name(path.name + ".data").exists() or path.stat().st_size > FP32_ONNX_MAX_BYTES:
+            return b""
+        return path.read_bytes()
+
+
+def share_fp32_onnx(shared: SharedStore, export: Callable[[], bytes], log) -> None:  # noqa: ANN001
+    """A worker with nothing to evaluate exports the FP32 model for the deployed check, unless
+    another worker has (or is at it), so that the finishing worker only exports its INT8 plan."""
+    if not shared.claim(FP32_ONNX):
+        return
+    try:
+        started = time.perf_counter()
+        data = export()
+    except BaseException:
+        shared.release(FP32_ONNX)
+        raise
+    shared.save(FP32_ONNX, data)
+    if data:
+        log(f"[quanttune] exported the FP32 model for the deployed check while idle "
+            f"({len(data) / 1e6:.1f} MB, {time.perf_counter() - started:.1f}s)")
+
+
+def fp32_onnx(shared: SharedStore, stop_asked: Callable[[], bool]) -> bytes | None:
+    """The FP32 ONNX model for the deployed check, as another worker stored it or once the one
+    exporting it now has; None when the deployed check must export it itself (nobody has: the
+    claim taken here keeps idle workers from starting it; or it was too large to share)."""
+    while True:
+        data = shared.load(FP32_ONNX)
+        if data is not None:
+            return data or None
+        if shared.claim(FP32_ONNX) or stop_asked():
+            return None
+        time.sleep(POLL_S)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import threading
 import warnings
 from contextlib import contextmanager
 from typing import Any
@@ -211,6 +212,52 @@ def _quiet():
             lg.setLevel(level)
 
 
+_registries: dict[Any, Any] = {}  # torch.onnx's ATen -> ONNX function table, by the arguments it was built with
+_registry_lock = threading.Lock()
+_registry_users = 0
+
+
+@contextmanager
+def _torchlib_registry_once():
+    """torch.onnx.export rebuilds its table of ATen -> ONNX functions from onnxscript on every call
+    (about 0.9 s here: half of a small model's export, and the deployed check exports twice). The
+    table is the same each time, so while our exports run it is built once per process and each
+    export gets a copy of it (the export adds our custom ops to its copy). Where torch's internals
+    differ (another version), exports just build it as before."""
+    global _registry_users
+    try:
+        from torch.onnx._internal.exporter import _registration
+
+        original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+        build = original.__func__
+    except (ImportError, KeyError, AttributeError):
+        yield
+        return
+
+    def from_torchlib(cls, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN001
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        with _registry_lock:
+            if key not in _registries:
+                _registries[key] = build(cls, *args, **kwargs)
+            base = _registries[key]
+        registry = cls.__new__(cls)
+        registry.__dict__.update(base.__dict__)
+        registry.functions = {op: list(overloads) for op, overloads in base.functions.items()}
+        return registry
+
+    with _registry_lock:
+        if _registry_users == 0:
+            _registration.ONNXRegistry.from_torchlib = classmethod(from_torchlib)
+        _registry_users += 1
+    try:
+        yield
+    finally:
+        with _registry_lock:
+            _registry_users -= 1
+            if _registry_users == 0:
+                _registration.ONNXRegistry.from_torchlib = original
+
+
 # -- the public verb -------------------------------------------------------------------------
 
 
@@ -244,7 +291,7 @@ def export_onnx(
 
     flat = FlatModel(exported, spec).eval()
     try:
-        with _quiet(), torch_output() as captured, torch.no_grad():
+        with _quiet(), torch_output() as captured, torch.no_grad(), _torchlib_registry_once():
             program = torch.onnx.export(
                 flat,
                 tuple(tensors),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,9 +119,10 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
 
 
 def verify(result: TuneResult, evaluate, budget: Budget, report: LayerReport, tolerance: float, log,
-            latency_runs: int) -> None:
+            latency_runs: int, fp32_onnx: Callable[[], bytes | None] = lambda: None) -> None:
     """Evaluate the exported ONNX model on ONNX Runtime once (the score users will deploy), and check
-    what ONNX Runtime runs and how fast against FP32 (`result.deployment`)."""
+    what ONNX Runtime runs and how fast against FP32 (`result.deployment`). `fp32_onnx()` gives the
+    FP32 ONNX model when another worker already exported it (None: exported here)."""
     import tempfile
 
     from .deployment import Deployment, check_deployment, evaluate_deployed
@@ -137,12 +139,26 @@ def verify(result: TuneResult, evaluate, budget: Budget, report: LayerReport, to
         deployed, error, evaluated = evaluate_deployed(evaluate, path)
         result.evaluations += evaluated
         result.deployment = check_deployment(result.original, result.plan, result.calibration, path,
-                                             latency_runs=latency_runs)
+                                             latency_runs=latency_runs,
+                                             fp32_path=_shared_fp32(fp32_onnx, Path(tmp)) if latency_runs else None)
     if error is not None:
         result.deployment.errors["score"] = error
     if deployed is not None:
         _deployed_score(result, deployed, budget, report, tolerance, log)
     _judge_deployment(result, log)
+
+
+def _shared_fp32(fp32_onnx: Callable[[], bytes | None], directory: Path) -> Path | None:
+    """The shared FP32 ONNX model written to `directory`, or None (check_deployment exports it)."""
+    try:
+        data = fp32_onnx()
+    except Exception:  # noqa: BLE001 (e.g. the database hiccuped: export it here instead)
+        return None
+    if not data:
+        return None
+    path = directory / "model-fp32.onnx"
+    path.write_bytes(data)
+    return path
 
 
 def _deployed_score(result: TuneResult, deployed: float, budget: Budget, report: LayerReport, tolerance: float,

@@ -17,7 +17,8 @@ from typing import Any
 import optuna
 from torch import nn
 
-from .coordination import WAIT_S, SharedBaseline, finisher, point_claim, prepare_once, space_key
+from .coordination import (WAIT_S, SharedBaseline, export_fp32, finisher, fp32_onnx, point_claim, prepare_once,
+                           share_fp32_onnx, space_key)
 from .errors import InvalidArgumentError, Stopped
 from .ledger import build_ledger
 from .options import TuneOptions
@@ -102,6 +103,7 @@ class _Tuning:
         self.ranking: list[str] = []  # most sensitive first; measured only once a plan misses the budget
         self.evaluations = 0  # this process's evaluations of plans
         self.stopped = False
+        self.idle_done = False  # this process has done its idle work (`_idle`)
         self.prep_s = self.search_s = 0.0
 
     # -- step 1: prepare ---------------------------------------------------------------------------
@@ -184,11 +186,13 @@ class _Tuning:
                 return _END
             if self._stop_requested():  # asked again: choosing the point may take seconds (ranking)
                 return _STOP
-            propose = None if point == SAMPLE else point
-            # every useful point is being evaluated elsewhere, or another worker took this point a
-            # moment ago (it is pending now): wait for a result
-            if point == WAIT or (propose is not None and not self.shared.claim(point_claim(self.strategy.key_of(propose)))):
+            if point == WAIT:  # every useful point is being evaluated elsewhere: wait for a result
+                self._idle()
                 time.sleep(WAIT_S)
+                return _AGAIN
+            propose = None if point == SAMPLE else point
+            if propose is not None and not self.shared.claim(point_claim(self.strategy.key_of(propose))):
+                time.sleep(WAIT_S)  # another worker took this point a moment ago: choose again once it runs
                 return _AGAIN
             return self._trial(propose)
         except Stopped:
@@ -196,6 +200,14 @@ class _Tuning:
             return _STOP
         except optuna.exceptions.UpdateFinishedTrialError:  # the job ended and closed our trial meanwhile
             return _AGAIN
+
+    def _idle(self) -> None:
+        """Nothing to evaluate now: do once what the deployed check will need from any worker
+        (the FP32 ONNX model its latency is measured against)."""
+        if self.idle_done or not (self.options.verify and self.options.latency_runs):
+            return
+        self.idle_done = True
+        share_fp32_onnx(self.shared, lambda: export_fp32(self.model, self.calib), self.log)
 
     def _stop_requested(self) -> bool:
         if self.stop_asked():
@@ -239,7 +251,7 @@ class _Tuning:
     def result(self) -> TuneResult:
         """The best plan found (all FP32 when nothing could be evaluated), with its reason; verified
         on ONNX Runtime by the one process that finishes the study."""
-        self.stopped = self.stopped or not finisher(self.shared, self.stop_asked, self.log)
+        self.stopped = self.stopped or not finisher(self.shared, self.stop_asked, self.log, self._idle)
         self._refresh()
         baseline = self.baseline()  # known by now, unless the search stopped before it was (raises Stopped)
         self.evaluations += self.baseline.evaluations  # the baseline, if this process evaluated it
@@ -256,7 +268,7 @@ class _Tuning:
         )
         if self.options.verify and best is not None and not self.stopped:
             verify(result, self.evaluate, self.budget, self.report, self.options.verify_tolerance, self.log,
-                   self.options.latency_runs)
+                   self.options.latency_runs, lambda: fp32_onnx(self.shared, self.stop_asked))
         result.seconds["total"] = round(time.perf_counter() - self.start, 3)
         self.log(f"[quanttune] {'MET' if result.met else 'NOT MET'}: {result.reason}")
         return result

@@ -5,6 +5,7 @@ latencies are checked for presence and consistency, never against a threshold.""
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import onnx
@@ -305,3 +306,58 @@ def test_tune_without_latency_runs_checks_kernels_only(digits_model, digits_batc
     assert result.deployment.latency is None and result.deployment.kernels is not None
     assert result.to_dict()["deployment"]["latency"] is None
     assert "slower than FP32" not in result.reason
+
+
+# -- several workers: the FP32 model the latency is measured against is exported once, by an idle worker
+
+
+def test_an_idle_workers_fp32_export_is_shared_once_and_used_by_the_deployed_check(digits_model, digits_batches,
+                                                                                 monkeypatch):
+    from tuner import onnx_export
+    from tuner.coordination import FP32_ONNX, export_fp32, fp32_onnx, share_fp32_onnx
+    from tuner.prepared import MemoryStore
+
+    store, lines = MemoryStore(), []
+    calibration = calibrate(digits_model, digits_batches)
+    share_fp32_onnx(store, lambda: export_fp32(digits_model, calibration), lines.append)
+    stored = store.load(FP32_ONNX)
+    assert stored and onnx.load_from_string(stored).graph.node and "exported the FP32 model" in lines[0]
+    share_fp32_onnx(store, lambda: pytest.fail("exported twice"), lines.append)  # stored: nothing to do
+    assert fp32_onnx(store, lambda: False) == stored
+
+    exported = []  # every plan exported from here on: the INT8 plan only, the FP32 model came from the store
+    real = onnx_export.export_onnx
+    monkeypatch.setattr(onnx_export, "export_onnx", lambda m, plan, *a, **k: exported.append(plan) or real(m, plan, *a, **k))
+    result = tune(digits_model, digits_batches, digits.evaluate, max_drop=0.01, shared=store, latency_runs=2)
+    assert result.deployment.latency is not None and result.deployment.latency.rows
+    assert exported and all(plan.int8_layers for plan in exported)
+
+
+def test_without_a_shared_fp32_export_the_finishing_worker_exports_it_itself():
+    from tuner.coordination import FP32_ONNX, fp32_onnx
+    from tuner.prepared import MemoryStore
+
+    store = MemoryStore()
+    assert fp32_onnx(store, lambda: False) is None  # nobody has it: the deployed check exports it
+    elsewhere: list = []  # and its claim keeps idle workers from starting the same export
+    thread = threading.Thread(target=lambda: elsewhere.append(store.claim(FP32_ONNX)))
+    thread.start()
+    thread.join()
+    assert elsewhere == [False]
+    too_large = MemoryStore()
+    too_large.save(FP32_ONNX, b"")  # an idle worker found it too large to share
+    assert fp32_onnx(too_large, lambda: False) is None
+
+
+def test_export_builds_torchs_function_table_once_and_leaves_torch_as_it_was(digits_files, tmp_path):
+    from torch.onnx._internal.exporter import _registration
+
+    from tuner import onnx_export
+
+    model, calibration, first, _ = digits_files
+    before = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    again = export_onnx(model, calibration.uniform_plan(MSE), calibration, tmp_path / "again.onnx")
+    assert again.read_bytes() == first.read_bytes()  # the same file from the shared table
+    assert _registration.ONNXRegistry.__dict__["from_torchlib"] is before
+    tables = list(onnx_export._registries.values())
+    assert tables and all(not any("quanttune" in str(op) for op in t.functions) for t in tables)  # our ops: copies only
