@@ -31,6 +31,9 @@ from .sensitivity import rank_layers
 from .space import SearchSpace, plan_for
 from .study import Budget, Outcome, open_study, run_trial, running_plans, stored_outcomes, worker_label
 
+# a point another worker claimed counts as pending this long even before its trial shows as
+# RUNNING (time enough to create the trial; a claimant that died meanwhile frees it after this)
+TAKEN_GRACE_S = 10.0
 MAX_IDLE_IN_A_ROW = 8  # sampled trials in a row that were pruned or repeated a plan: the sampler is done
 _STOP, _END, _AGAIN = object(), object(), object()  # what a search step did instead of a trial
 
@@ -103,6 +106,7 @@ class _Tuning:
         self.ranking: list[str] = []  # most sensitive first; measured only once a plan misses the budget
         self.evaluations = 0  # this process's evaluations of plans
         self.stopped = False
+        self.taken_elsewhere: dict[str, float] = {}  # plan key -> when another worker's claim on it was seen
         self.idle_done = False  # this process has done its idle work (`_idle`)
         self.prep_s = self.search_s = 0.0
 
@@ -181,7 +185,9 @@ class _Tuning:
         if self._limit_reached():
             return _END
         try:
-            point = self.strategy.next_point(self.known, running_plans(self.study))
+            now = time.monotonic()
+            running = running_plans(self.study) | {k for k, t in self.taken_elsewhere.items() if now - t < TAKEN_GRACE_S}
+            point = self.strategy.next_point(self.known, running)
             if point is None:
                 return _END
             if self._stop_requested():  # asked again: choosing the point may take seconds (ranking)
@@ -192,7 +198,8 @@ class _Tuning:
                 return _AGAIN
             propose = None if point == SAMPLE else point
             if propose is not None and not self.shared.claim(point_claim(self.strategy.key_of(propose))):
-                time.sleep(WAIT_S)  # another worker took this point a moment ago: choose again once it runs
+                # another worker took this point a moment ago: it counts as pending, choose again now
+                self.taken_elsewhere[self.strategy.key_of(propose)] = time.monotonic()
                 return _AGAIN
             return self._trial(propose)
         except Stopped:

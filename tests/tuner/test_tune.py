@@ -153,6 +153,37 @@ def test_a_trial_interrupted_by_a_dead_worker_is_tried_again(tmp_path, digits_mo
     assert "interrupted-plan" not in known  # so a plan it held would be evaluated again
 
 
+def test_a_point_another_worker_just_claimed_counts_as_pending_until_its_claim_grace_ends(
+        digits_model, digits_batches, monkeypatch):
+    """Another worker claimed the full-INT8 point but has no RUNNING trial yet: this worker does not
+    wait, it takes the next point at once (1 layer FP32); the claimed point is evaluated here only
+    once its grace period is over (its claimant may have died before starting it)."""
+    from tuner import tuning
+    from tuner.prepared import MemoryStore
+
+    class OtherWorkerClaimedFirstPoint(MemoryStore):
+        def __init__(self):
+            super().__init__()
+            self.refused: list[str] = []
+
+        def claim(self, name):
+            if name.startswith("point-") and not self.refused:
+                self.refused.append(name)
+                return False
+            return super().claim(name)
+
+    monkeypatch.setattr(tuning, "TAKEN_GRACE_S", 1.0)
+    store = OtherWorkerClaimedFirstPoint()
+    naive = {"activation": ["max"], "weights": ["per_tensor"], "scheme": ["affine"], "smooth": False}
+    result = tune(digits_model, digits_batches, digits.evaluate, space=naive, shared=store, verify=False,
+                  verbose=False, max_trials=12)
+    evaluated = [t for t in result.trials if t["state"] == "COMPLETE" and t["duplicate_of"] is None]
+    full_int8 = [t["number"] for t in evaluated if t["summary"].startswith("4/4")]
+    assert evaluated[0]["summary"].startswith("3/4")  # the next point, at once
+    assert full_int8 and full_int8[0] > evaluated[0]["number"]  # the claimed point: after its grace
+    assert len(store.refused) == 1 and store.claim(store.refused[0])  # refused once, then free
+
+
 def test_tune_a_model_with_an_embedding_keeps_it_int8(tiny_encoder, encoder_batches):
     """The embedding is a weight-only layer of the plan; the ledger explains it without talking
     about input calibration; the deployed ONNX model scores like the simulated one."""
