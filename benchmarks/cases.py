@@ -8,10 +8,16 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "bench"
 CASES = ("digits_cnn", "minilm_wordsim353")
+DERIVED = ("minilm_simlex999", "minilm_polarity")  # built on minilm_wordsim353 (benchmarks/minilm_cases.py)
 
 
 def load_case(name: str):
     """The case module (build_model, calibration_data, evaluate), or None when it is not here."""
+    if name in DERIVED:
+        import minilm_cases
+
+        base = load_case("minilm_wordsim353")
+        return None if base is None else getattr(minilm_cases, name.removeprefix("minilm_"))(base)
     path = BENCH / name / "case.py"
     if not path.exists():
         print(f"skip {name}: {path} not found (benchmarks need ../shared/bench)", file=sys.stderr)
