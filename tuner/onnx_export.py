@@ -213,49 +213,43 @@ def _quiet():
 
 
 _registries: dict[Any, Any] = {}  # torch.onnx's ATen -> ONNX function table, by the arguments it was built with
-_registry_lock = threading.Lock()
-_registry_users = 0
+_export_lock = threading.Lock()
 
 
 @contextmanager
-def _torchlib_registry_once():
-    """torch.onnx.export rebuilds its table of ATen -> ONNX functions from onnxscript on every call
-    (about 0.9 s here: half of a small model's export, and the deployed check exports twice). The
-    table is the same each time, so while our exports run it is built once per process and each
-    export gets a copy of it (the export adds our custom ops to its copy). Where torch's internals
-    differ (another version), exports just build it as before."""
-    global _registry_users
-    try:
-        from torch.onnx._internal.exporter import _registration
+def _one_export_at_a_time():
+    """Exports in this process run one at a time: torch.export and torch.onnx keep process-wide
+    state (two worker threads exporting at once failed in the ONNX decomposition step).
 
-        original = _registration.ONNXRegistry.__dict__["from_torchlib"]
-        build = original.__func__
-    except (ImportError, KeyError, AttributeError):
-        yield
-        return
+    Meanwhile torch.onnx.export's table of ATen -> ONNX functions is built once per process:
+    torch rebuilds it from onnxscript on every call (about 0.9 s here, half of a small model's
+    export, and the deployed check exports twice), and it is the same each time, so each export
+    gets a copy of the one built first (the export adds our custom ops to its copy). Where torch's
+    internals differ (another version), exports just build it as before."""
+    with _export_lock:
+        try:
+            from torch.onnx._internal.exporter import _registration
 
-    def from_torchlib(cls, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN001
-        key = (cls, args, tuple(sorted(kwargs.items())))
-        with _registry_lock:
+            original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+            build = original.__func__
+        except (ImportError, KeyError, AttributeError):
+            yield
+            return
+
+        def from_torchlib(cls, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN001
+            key = (cls, args, tuple(sorted(kwargs.items())))
             if key not in _registries:
                 _registries[key] = build(cls, *args, **kwargs)
-            base = _registries[key]
-        registry = cls.__new__(cls)
-        registry.__dict__.update(base.__dict__)
-        registry.functions = {op: list(overloads) for op, overloads in base.functions.items()}
-        return registry
+            registry = cls.__new__(cls)
+            registry.__dict__.update(_registries[key].__dict__)
+            registry.functions = {op: list(overloads) for op, overloads in _registries[key].functions.items()}
+            return registry
 
-    with _registry_lock:
-        if _registry_users == 0:
-            _registration.ONNXRegistry.from_torchlib = classmethod(from_torchlib)
-        _registry_users += 1
-    try:
-        yield
-    finally:
-        with _registry_lock:
-            _registry_users -= 1
-            if _registry_users == 0:
-                _registration.ONNXRegistry.from_torchlib = original
+        _registration.ONNXRegistry.from_torchlib = classmethod(from_torchlib)
+        try:
+            yield
+        finally:
+            _registration.ONNXRegistry.from_torchlib = original
 
 
 # -- the public verb -------------------------------------------------------------------------
@@ -291,7 +285,7 @@ def export_onnx(
 
     flat = FlatModel(exported, spec).eval()
     try:
-        with _quiet(), torch_output() as captured, torch.no_grad(), _torchlib_registry_once():
+        with _one_export_at_a_time(), _quiet(), torch_output() as captured, torch.no_grad():
             program = torch.onnx.export(
                 flat,
                 tuple(tensors),

@@ -35,6 +35,7 @@ from .study import Budget, Outcome, open_study, run_trial, running_plans, stored
 # RUNNING (time enough to create the trial; a claimant that died meanwhile frees it after this)
 TAKEN_GRACE_S = 10.0
 MAX_IDLE_IN_A_ROW = 8  # sampled trials in a row that were pruned or repeated a plan: the sampler is done
+NEAR_MISS = 4  # a full-INT8 plan that drops at most this many budgets tries another setting before FP32 layers
 _STOP, _END, _AGAIN = object(), object(), object()  # what a search step did instead of a trial
 
 
@@ -134,7 +135,7 @@ class _Tuning:
                  f"layers ({self.calib.seconds:.2f}s), error report ({self.report.seconds:.2f}s)")
         self.n_candidates = sum(1 for n in self.report.layers if n not in self.space.exclude)
         self.strategy = Strategy(self.space, self.n_candidates, lambda p: self.make_plan(p)[0].key(),
-                                 slack=self.budget.max_drop / 2)
+                                 slack=self.budget.max_drop / 2, near_miss=NEAR_MISS * self.budget.max_drop)
         self.known: dict[str, Outcome] = stored_outcomes(self.study, self.budget)
         _remember(self.plans, self.known)
 

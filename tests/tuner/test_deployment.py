@@ -361,3 +361,28 @@ def test_export_builds_torchs_function_table_once_and_leaves_torch_as_it_was(dig
     assert _registration.ONNXRegistry.__dict__["from_torchlib"] is before
     tables = list(onnx_export._registries.values())
     assert tables and all(not any("quanttune" in str(op) for op in t.functions) for t in tables)  # our ops: copies only
+
+
+def test_exports_from_two_threads_at_once_both_succeed(digits_files, tmp_path):
+    """Two workers in one process export at once (one its INT8 plan, the other the FP32 model
+    while idle): both files come out whole, the same as exported alone."""
+    model, calibration, int8, fp32 = digits_files
+    plans = {"int8": calibration.uniform_plan(MSE), "fp32": Plan.uniform(calibration.layers, FP32)}
+    errors: list = []
+
+    def export(name):
+        try:
+            for i in range(2):
+                export_onnx(model, plans[name], calibration, tmp_path / f"{name}-{i}.onnx")
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=export, args=(name,)) for name in plans]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for i in range(2):
+        assert (tmp_path / f"int8-{i}.onnx").read_bytes() == int8.read_bytes()
+        assert (tmp_path / f"fp32-{i}.onnx").read_bytes() == fp32.read_bytes()
