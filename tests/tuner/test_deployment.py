@@ -386,3 +386,16 @@ def test_exports_from_two_threads_at_once_both_succeed(digits_files, tmp_path):
     for i in range(2):
         assert (tmp_path / f"int8-{i}.onnx").read_bytes() == int8.read_bytes()
         assert (tmp_path / f"fp32-{i}.onnx").read_bytes() == fp32.read_bytes()
+
+
+def test_an_idle_export_that_fails_costs_the_search_nothing():
+    from tuner.coordination import FP32_ONNX, fp32_onnx, share_fp32_onnx
+    from tuner.prepared import MemoryStore
+
+    def broken():
+        raise RuntimeError("torch.export could not trace it")
+
+    store, lines = MemoryStore(), []
+    share_fp32_onnx(store, broken, lines.append)  # no exception: the worker goes on searching
+    assert store.load(FP32_ONNX) == b"" and "failed" in lines[0]
+    assert fp32_onnx(store, lambda: False) is None  # the deployed check exports it and records the error

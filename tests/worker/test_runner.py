@@ -209,12 +209,10 @@ def test_shutdown_hands_the_slot_back_after_the_current_trial(service: TestClien
 def test_two_workers_prepare_once_and_their_counts_add_up(service: TestClient, monkeypatch) -> None:  # noqa: ANN001
     """Two workers on one job: the calibration and error report are computed once and stored with
     the job, every trial names its worker, and the job's evaluations are the sum of every call."""
-    import sys
-
+    from tuner import coordination as tune_module  # where `tune` calibrates
     from worker.prepared import JobStore
     from worker.queue import Claim
 
-    tune_module = sys.modules["tuner.coordination"]  # where `tune` calibrates
     calls = []
     real = tune_module.calibrate
     monkeypatch.setattr(tune_module, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
