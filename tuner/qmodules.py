@@ -39,6 +39,9 @@ class QuantizedLayer(nn.Module):
         if bias_shift is not None:  # bias correction: the measured mean output shift taken out
             bias = layer.bias.detach() if layer.bias is not None else torch.zeros_like(bias_shift)
             inner._parameters["bias"] = nn.Parameter((bias - bias_shift.to(bias.dtype)).clone(), requires_grad=False)
+        if act_qparams is not None and not isinstance(layer, nn.Linear) and inner.bias is not None:
+            inner._parameters["bias"] = nn.Parameter(runtime_bias(inner.bias.detach(), act_qparams, weight_qparams),
+                                                     requires_grad=False)
         self.layer = inner
         self.config = config
         self.act_qparams = act_qparams
@@ -75,6 +78,18 @@ class QuantizedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return self.config.short(self.weight_only)
+
+
+def runtime_bias(bias: torch.Tensor, act: QParams, weight: QParams) -> torch.Tensor:
+    """A convolution's bias as the INT8 runtime adds it: to the int32 accumulator, in steps of input
+    scale x weight scale (ONNX Runtime quantizes a QDQ Conv's float bias so when it fuses the conv
+    into QLinearConv). Simulating that rounding took MobileNetV2's simulated logits from 0.032 to
+    0.003 mean |difference| from the deployed ones, and its simulated score to the deployed one."""
+    step = act.scale.reshape(()).float() * weight.scale.reshape(-1).float()
+    if step.numel() not in (1, bias.numel()):  # per-group weights: no single step per channel
+        return bias
+    codes = torch.round(bias.float() / step).clamp(-(2**31), 2**31 - 1)
+    return (codes * step).to(bias.dtype)
 
 
 class OutputQuantizer:

@@ -72,3 +72,22 @@ def test_bad_arguments_name_the_rule():
         compute_qparams(2.0, 1.0, symmetric=False)
     with pytest.raises(InvalidArgumentError, match="granularity"):
         weight_qparams(torch.randn(2, 2), "per_row")
+
+
+def test_a_simulated_int8_convs_bias_sits_on_the_runtimes_int32_grid(digits_model, digits_batches):
+    """ONNX Runtime adds a QLinearConv's bias to the int32 accumulator, in steps of input scale x
+    weight scale: the simulation rounds it the same way (a Linear keeps its float bias: the export
+    adds it after QGemm / MatMulIntegerToFloat, in float)."""
+    from tuner import LayerConfig, apply_plan, calibrate
+    from tuner.qmodules import QuantizedLayer
+
+    calibration = calibrate(digits_model, digits_batches)
+    model = apply_plan(digits_model, calibration.uniform_plan(LayerConfig(weights="per_channel")), calibration)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+    conv = layers["conv2"]
+    step = conv.act_qparams.scale.float() * conv.weight_qparams.scale.reshape(-1).float()
+    codes = conv.layer.bias / step
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+    original = dict(digits_model.named_modules())["conv2"].bias
+    assert not torch.equal(conv.layer.bias, original) and (conv.layer.bias - original).abs().max() <= step.max() / 2 + 1e-7
+    assert torch.equal(layers["fc1"].layer.bias, dict(digits_model.named_modules())["fc1"].bias)
