@@ -20,7 +20,6 @@ from torch import nn
 from .batches import as_batches
 from .calibrate import Calibration, calibrate
 from .errors import EvaluationError, InvalidArgumentError, Stopped
-from .plan import FP32, Plan
 from .prepared import POLL_S, SharedStore, dump_prepared, load_prepared, once
 from .report import LayerReport, layer_report
 from .space import SearchSpace
@@ -139,13 +138,13 @@ def finisher(shared: SharedStore, stop_asked: Callable[[], bool], log,  # noqa: 
     return False
 
 
-def export_fp32(model: nn.Module, calib: Calibration) -> bytes:
-    """The model exported to ONNX with every layer FP32: what the deployed check times INT8 against
-    (the same for every plan). b"" when it is too large to share (or spills into external data)."""
-    from .onnx_export import export_onnx
+def fp32_onnx_bytes(model: nn.Module, calib: Calibration) -> bytes:
+    """The model exported all-FP32 (`tuner.deployment.export_fp32`) as bytes to share; b"" when it
+    is too large to share (or spills into external data)."""
+    from .deployment import export_fp32
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(model, Plan.uniform(calib.layers, FP32), calib, f"{tmp}/model-fp32.onnx")
+        path = export_fp32(model, calib, f"{tmp}/model-fp32.onnx")
         if path.with_name(path.name + ".data").exists() or path.stat().st_size > FP32_ONNX_MAX_BYTES:
             return b""
         return path.read_bytes()

@@ -217,6 +217,14 @@ def measure_latency(fp32_path: str | pathlib.Path, int8_path: str | pathlib.Path
     return LatencyTable(rows, runs, warmup, full, time.perf_counter() - start)
 
 
+def export_fp32(model: nn.Module, calibration: Calibration, path: str | pathlib.Path) -> pathlib.Path:
+    """`model` exported to ONNX with every layer FP32: what the INT8 file's latency is measured
+    against (the same for every plan)."""
+    from .onnx_export import export_onnx
+
+    return export_onnx(model, Plan.uniform(calibration.layers, FP32), calibration, path)
+
+
 def check_deployment(model: nn.Module, plan: Plan, calibration: Calibration, int8_path: str | pathlib.Path, *,
                      latency_runs: int = 10, fp32_path: str | pathlib.Path | None = None) -> Deployment:
     """Check the INT8 file `int8_path` (exported from `model`, `plan`, `calibration`): which layers
@@ -235,10 +243,7 @@ def check_deployment(model: nn.Module, plan: Plan, calibration: Calibration, int
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 if fp32_path is None:
-                    from .onnx_export import export_onnx
-
-                    fp32_path = export_onnx(model, Plan.uniform(calibration.layers, FP32), calibration,
-                                            pathlib.Path(tmp) / "model-fp32.onnx")
+                    fp32_path = export_fp32(model, calibration, pathlib.Path(tmp) / "model-fp32.onnx")
                 deployment.latency = measure_latency(fp32_path, int8_path, calibration.batches[0], runs=latency_runs)
         except Exception as exc:  # noqa: BLE001
             deployment.errors["latency"] = f"{type(exc).__name__}: {exc}"

@@ -298,11 +298,12 @@ def layer_report(
     layer_settings = {name: _settings_of(m, calibration.layers[name].weight_only, settings) for name, m in modules.items()}
     start = time.perf_counter()
     sums = _measure(model, calibration, layer_settings, max_batches, max_rows)
+    costs = smooth_costs(calibration)
     layers = {}
     for name in modules:
         info, acc = calibration.layers[name], sums[name]
         errors = LayerErrors(name, info.kind, info.macs, info.params, weight_only=info.weight_only,
-                             smooth_cost_db=smooth_cost_db(calibration, name))
+                             smooth_cost_db=costs[name])
         for config in layer_settings[name]:
             label = errors.label(config)
             errors.sqnr[label], errors.settings[label] = _db(acc.signal, acc.noise[label]), config
@@ -319,19 +320,19 @@ def layer_report(
     return LayerReport(layers, calibration, time.perf_counter() - start)
 
 
-def smooth_cost_db(calibration: Calibration, name: str) -> float:
-    """What smoothing layer `name`'s input costs at run time, in dB it must gain: nothing where the
+def smooth_costs(calibration: Calibration) -> dict[str, float]:
+    """What smoothing each layer's input costs at run time, in dB it must gain: nothing where the
     factors fold into the producing op; `SMOOTH_COST_DB` where the Div would sit after a
     convolution's output, or where the input arrives quantized (a residual Add's or a Concat's
     INT8 output: smoothing dequantizes it, divides and quantizes it again; measured on MobileNetV2:
     two such layers left it 3% slower than ONNX Runtime's own quantizer at batch 32), or where the
     graph is unknown; else `SMOOTH_DIV_COST_DB`."""
     graph = calibration.graph
-    if name in getattr(calibration, "smooth_folds", {}):
-        return 0.0
-    if graph is None or any(name in out.consumers for out in graph.conv_outputs.values()):
-        return SMOOTH_COST_DB
+    folds = getattr(calibration, "smooth_folds", {})
+    if graph is None:
+        return {name: 0.0 if name in folds else SMOOTH_COST_DB for name in calibration.layers}
+    after_conv = {layer for out in graph.conv_outputs.values() for layer in out.consumers}
     quantized = calibration.output_sites(calibration.uniform_plan())  # the tensors an all-INT8 plan quantizes
-    if any(name in graph.direct_inputs.get(site, ()) for site in quantized):
-        return SMOOTH_COST_DB
-    return SMOOTH_DIV_COST_DB
+    requantized = {layer for site in quantized for layer in graph.direct_inputs.get(site, ())}
+    return {name: 0.0 if name in folds else SMOOTH_COST_DB if name in after_conv | requantized else SMOOTH_DIV_COST_DB
+            for name in calibration.layers}

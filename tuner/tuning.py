@@ -17,8 +17,8 @@ from typing import Any
 import optuna
 from torch import nn
 
-from .coordination import (WAIT_S, SharedBaseline, export_fp32, finisher, fp32_onnx, point_claim, prepare_once,
-                           share_fp32_onnx, space_key)
+from .coordination import (WAIT_S, SharedBaseline, finisher, fp32_onnx, fp32_onnx_bytes, point_claim,
+                           prepare_once, share_fp32_onnx, space_key)
 from .errors import InvalidArgumentError, Stopped
 from .ledger import build_ledger
 from .options import TuneOptions
@@ -198,9 +198,10 @@ class _Tuning:
                 time.sleep(WAIT_S)
                 return _AGAIN
             propose = None if point == SAMPLE else point
-            if propose is not None and not self.shared.claim(point_claim(self.strategy.key_of(propose))):
+            key = self.strategy.key_of(propose) if propose is not None else None
+            if key is not None and not self.shared.claim(point_claim(key)):
                 # another worker took this point a moment ago: it counts as pending, choose again now
-                self.taken_elsewhere[self.strategy.key_of(propose)] = time.monotonic()
+                self.taken_elsewhere[key] = time.monotonic()
                 return _AGAIN
             return self._trial(propose)
         except Stopped:
@@ -215,7 +216,7 @@ class _Tuning:
         if self.idle_done or not (self.options.verify and self.options.latency_runs):
             return
         self.idle_done = True
-        share_fp32_onnx(self.shared, lambda: export_fp32(self.model, self.calib), self.log)
+        share_fp32_onnx(self.shared, lambda: fp32_onnx_bytes(self.model, self.calib), self.log)
 
     def _stop_requested(self) -> bool:
         if self.stop_asked():

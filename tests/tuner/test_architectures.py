@@ -125,7 +125,7 @@ def test_smoothing_an_input_that_arrives_quantized_pays_for_requantizing_it(data
     """An expand conv reading a residual Add's INT8 output would dequantize it, divide and quantize
     it again if smoothed: it must gain as much as a Div after a conv output (SMOOTH_COST_DB), not
     the 1 dB of a Div on a float input. (Untrained weights: only the graph matters here.)"""
-    from tuner.report import SMOOTH_COST_DB, smooth_cost_db
+    from tuner.report import SMOOTH_COST_DB, smooth_costs
 
     batches, _ = data
     calibration = calibrate(ARCHITECTURES["mobilenet_v2"]().eval(), batches[:1])
@@ -133,7 +133,8 @@ def test_smoothing_an_input_that_arrives_quantized_pays_for_requantizing_it(data
     readers = {layer for site in quantized for layer in calibration.graph.direct_inputs.get(site, ())}
     joins = {join.output for join in calibration.graph.joins}
     assert readers & {layer for site in joins for layer in calibration.graph.direct_inputs.get(site, ())}
-    assert all(smooth_cost_db(calibration, layer) == SMOOTH_COST_DB for layer in readers)
+    costs = smooth_costs(calibration)
+    assert all(costs[layer] == SMOOTH_COST_DB for layer in readers)
 
 
 # -- tune, end to end ----------------------------------------------------------------------------

@@ -314,12 +314,12 @@ def test_tune_without_latency_runs_checks_kernels_only(digits_model, digits_batc
 def test_an_idle_workers_fp32_export_is_shared_once_and_used_by_the_deployed_check(digits_model, digits_batches,
                                                                                  monkeypatch):
     from tuner import onnx_export
-    from tuner.coordination import FP32_ONNX, export_fp32, fp32_onnx, share_fp32_onnx
+    from tuner.coordination import FP32_ONNX, fp32_onnx, fp32_onnx_bytes, share_fp32_onnx
     from tuner.prepared import MemoryStore
 
     store, lines = MemoryStore(), []
     calibration = calibrate(digits_model, digits_batches)
-    share_fp32_onnx(store, lambda: export_fp32(digits_model, calibration), lines.append)
+    share_fp32_onnx(store, lambda: fp32_onnx_bytes(digits_model, calibration), lines.append)
     stored = store.load(FP32_ONNX)
     assert stored and onnx.load_from_string(stored).graph.node and "exported the FP32 model" in lines[0]
     share_fp32_onnx(store, lambda: pytest.fail("exported twice"), lines.append)  # stored: nothing to do
