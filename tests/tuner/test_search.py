@@ -123,19 +123,36 @@ def test_a_setting_that_met_without_slack_is_not_retried():
     assert strategy.next_point(known) == SAMPLE  # mse met at 1 with little room: not tried at 0
 
 
-def test_a_near_miss_tries_another_setting_with_every_layer_int8_before_any_fallback():
+def test_the_plain_plan_comes_first_and_the_smoothed_one_before_any_fallback():
     space = SearchSpace.from_dict({"activation": ["max", "mse"], "weights": ["per_tensor"], "scheme": ["affine"],
                                    "smooth": True})
     strategy = Strategy(space, 4, key, near_miss=0.02)
+    plain, smoothed = space.point(0, smooth=False), space.point(0)
+    assert strategy.next_point({}) == plain  # no SmoothQuant Div in the first plan
 
-    def first(drop):
-        return {key(space.point(0)): Outcome(0, "COMPLETE", key(space.point(0)), 1.0, drop, 1.0, False, None, 1.0, 0.0)}
+    def tried(point, number, drop):
+        return {key(point): Outcome(number, "COMPLETE", key(point), 1.0, drop, 1 - point["fallback"] / 8, drop <= 0.01,
+                                    None, 1.0, 0.0)}
 
-    near = strategy.next_point(first(0.015))
-    assert near == space.point(0, smooth=False)  # the first alternative, every layer still INT8
-    known = {**first(0.015), key(near): Outcome(1, "COMPLETE", key(near), 1.0, -0.001, 1.0, True, None, 1.0, 0.0)}
-    assert strategy.next_point(known) is None  # met with every layer INT8: nothing can beat it
-    known[key(near)] = Outcome(1, "COMPLETE", key(near), 1.0, 0.03, 1.0, False, None, 1.0, 0.0)
-    assert fallback(strategy.next_point(known)) == 1  # it missed too: layers fall back as before
-    assert fallback(strategy.next_point(first(0.05))) == 1  # a far miss falls back at once
-    assert fallback(strategy.next_point({}, {key(space.point(0))})) == 1  # spare workers: unchanged
+    assert strategy.next_point(tried(plain, 0, 0.015)) == smoothed  # a near miss
+    assert strategy.next_point(tried(plain, 0, 0.05)) == smoothed  # and a far one: outliers are what it fixes
+    assert strategy.next_point(tried(plain, 0, 0.005)) is None  # met with every layer INT8: nothing beats it
+    known = tried(plain, 0, 0.015) | tried(smoothed, 1, -0.001)
+    assert strategy.next_point(known) is None
+    known = tried(plain, 0, 0.015) | tried(smoothed, 1, 0.03)
+    assert fallback(strategy.next_point(known)) == 1  # it missed too: layers fall back (smoothed) as before
+    assert strategy.next_point(known | tried(space.point(1), 2, 0.0)) == space.point(0, activation="mse", smooth=False)
+    assert fallback(strategy.next_point({}, {key(plain)})) == 1  # spare workers: unchanged
+
+
+def test_without_smoothing_a_near_miss_tries_another_method_before_any_fallback():
+    space = SearchSpace.from_dict({"activation": ["max", "mse"], "weights": ["per_tensor"], "scheme": ["affine"],
+                                   "smooth": False})
+    strategy = Strategy(space, 4, key, near_miss=0.02)
+    first = space.point(0)
+
+    def missed(drop):
+        return {key(first): Outcome(0, "COMPLETE", key(first), 1.0, drop, 1.0, False, None, 1.0, 0.0)}
+
+    assert strategy.next_point(missed(0.015)) == space.point(0, activation="mse", smooth=False)
+    assert fallback(strategy.next_point(missed(0.05))) == 1  # a far miss falls back at once
