@@ -10,7 +10,7 @@ from torch import nn
 from .calibrate import Calibration
 from .plan import Plan
 from .functional import hook_functional
-from .qmodules import OutputQuantizer, QuantizedLayer, quantize_output, quantized_layer
+from .qmodules import OutputQuantizer, QuantizedLayer, QuantizedSiLU, quantize_output, quantized_layer
 from .report import measure_shifts
 from .smoothing import scale_output_channels
 
@@ -25,7 +25,8 @@ def apply_plan(model: nn.Module, plan: Plan, calibration: Calibration, *, share_
 
     BatchNorms are folded into their convolutions as in calibration, and the tensors the INT8
     runtime needs quantized beyond layer inputs (`Calibration.output_sites`) are quantized where
-    a module returns them. The caller's `model` is never modified. With `share_weights=True` the new model shares the
+    a module returns them; a SiLU between quantized tensors quantizes its sigmoid too
+    (`QuantizedSiLU`). The caller's `model` is never modified. With `share_weights=True` the new model shares the
     caller's FP32 parameter tensors instead of copying them (fast; for throw-away trial models).
     """
     calibration.check_plan(plan)
@@ -40,6 +41,8 @@ def apply_plan(model: nn.Module, plan: Plan, calibration: Calibration, *, share_
     for name in plan.int8_layers:
         if plan.layers[name].smooth and name in calibration.smooth_folds:
             _fold_smoothing(new, name, calibration.smooth_folds[name])
+    for site in calibration.quantized_silus(plan, sites):
+        _set_submodule(new, site, QuantizedSiLU())
     _quantize_outputs(new, plan, calibration, sites)
     return new.eval()
 

@@ -17,7 +17,7 @@ from torch import nn
 from .batches import as_batches, batch_size, call_model
 from .errors import CalibrationError, InvalidPlanError
 from .functional import hook_functional
-from .graph import ConvOutput, ModelGraph, fold_batchnorm, read_graph
+from .graph import PRODUCT_OPS, ConvOutput, ModelGraph, fold_batchnorm, read_graph
 from .histogram import TensorStats
 from .plan import LayerConfig, Plan
 from .quant import INT8, UINT8, QParams, compute_qparams, fake_quantize, weight_qparams
@@ -125,7 +125,8 @@ class Calibration:
                 active.setdefault(out.site, f"output of INT8 conv {name} (read by {', '.join(dict.fromkeys(readers))})")
         for join in graph.joins:  # in graph order: a join fed by a quantized join is quantized too
             sites = [*join.inputs, join.output]
-            if any(p in quantized for p in join.producers) and all(s in self.tensors for s in sites):
+            fed = [p in quantized for p in join.producers]  # a product only when all its inputs are INT8 anyway
+            if (all(fed) if join.op in PRODUCT_OPS else any(fed)) and all(s in self.tensors for s in sites):
                 quantized.add(join.node)
                 for site in sites:
                     active.setdefault(site, f"{'input' if site != join.output else 'output'} of {join.op} {join.node}")
@@ -141,6 +142,15 @@ class Calibration:
             else:
                 active.setdefault(site, "set by the plan")
         return active
+
+    def quantized_silus(self, plan: Plan, sites: dict[str, str]) -> list[str]:
+        """The nn.SiLU modules that run on uint8 data under `plan`: their input is quantized (a site
+        in `sites`, from `output_sites`) and so is their output (a site too, or read only by plain
+        INT8 layers, which quantize it)."""
+        plain = {n for n in plan.int8_layers if not plan.config(n).smooth}
+        return [site for site, call in (self.graph.silus.items() if self.graph is not None else ())
+                if call.source in sites and (site in sites or (
+                    call.consumers and not call.others and all(c in plain for c in call.consumers)))]
 
     def tensor_qparams(self, site: str, plan: Plan) -> QParams:
         """A site's quantization: the scale of the INT8 layer reading it directly when there is one

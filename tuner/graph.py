@@ -50,6 +50,14 @@ MOVE_OPS = {
     "getitem", "identity",
 }
 JOIN_OPS = {"add", "add_", "cat", "concat"}
+# a product of two tensors (squeeze-excitation's scale * input): QLinearMul when both inputs are
+# INT8 outputs (a join like an Add, but only when every input is quantized anyway)
+PRODUCT_OPS = {"mul", "mul_"}
+# activations ONNX Runtime runs on uint8 data when their input and output are quantized: Sigmoid
+# as QLinearSigmoid, SiLU (exported as x * Sigmoid(x)) as QLinearSigmoid + QLinearMul once the
+# sigmoid's own output is quantized too (`tuner.qmodules.QuantizedSiLU`)
+QLINEAR_ACTIVATIONS = {"sigmoid", "sigmoid_", "silu", "silu_"}
+SILU_OPS = {"silu", "silu_"}
 
 
 def op_name(node: torch.fx.Node) -> str:
@@ -74,13 +82,23 @@ class ConvOutput:
 
 @dataclass
 class Join:
-    """A residual Add or a Concat: QDQ on its inputs and its output lets the runtime run it in INT8."""
+    """A residual Add, a Concat or a product: QDQ on its inputs and its output lets the runtime run
+    it in INT8 (QLinearAdd, QLinearConcat, QLinearMul)."""
 
     node: str
     op: str
     inputs: list[str]  # sites of the input tensors
     output: str  # site of the output tensor (after a fusable ReLU)
     producers: list[str]  # per input: the conv layer or join node that produces it ('' for neither)
+
+
+@dataclass
+class SiluCall:
+    """An nn.SiLU module's call: the site of its input and what reads its output."""
+
+    source: str
+    consumers: list[str] = field(default_factory=list)  # quantizable layers reading its output
+    others: list[str] = field(default_factory=list)  # anything else (op names)
 
 
 @dataclass
@@ -102,6 +120,9 @@ class ModelGraph:
     # sites returned by a functional call: site -> (module, function, occurrence), for `hook_functional`
     functional: dict[str, tuple[str, str, int]] = field(default_factory=dict)
     parts: set[str] = field(default_factory=set)  # sites that are a split's pieces (one scale for all)
+    # nn.SiLU modules: with input and output quantized, a SiLU runs as QLinearSigmoid + QLinearMul
+    # once its sigmoid's output is quantized too (`apply_plan` swaps in `QuantizedSiLU`)
+    silus: dict[str, SiluCall] = field(default_factory=dict)
 
     @property
     def sites(self) -> list[str]:
@@ -251,7 +272,7 @@ def _analyse(program: torch.export.ExportedProgram, layers: set[str], model: nn.
             out_node[node] = name
     for node, name in out_node.items():
         result.conv_outputs[name] = _conv_output(name, node, layer_nodes[name][0], scopes, params, layers)
-    result.joins = _joins(graph, scopes, out_node)
+    result.joins = _joins(graph, scopes, out_node, params, layers, result, model)
     _moved_sites(graph, scopes, params, layers, result)
     _direct_inputs(graph, scopes, params, layers, result)
     used = set(result.sites)
@@ -346,7 +367,10 @@ def _conv_output(name: str, node: torch.fx.Node, call: torch.fx.Node, scopes: _S
     return ConvOutput(name, site, consumers, others, reason)
 
 
-def _joins(graph: torch.fx.Graph, scopes: _Scopes, out_node: dict[torch.fx.Node, str]) -> list[Join]:
+def _joins(graph: torch.fx.Graph, scopes: _Scopes, out_node: dict[torch.fx.Node, str], params: dict[str, str],
+           layers: set[str], result: ModelGraph, model: nn.Module) -> list[Join]:
+    """The joins in graph order; an activation with a uint8 kernel passes its input's producer on
+    (a SiLU on an INT8 conv's output feeds squeeze-excitation's product as an INT8 tensor)."""
     producer: dict[torch.fx.Node, str] = {}
     for node, name in out_node.items():
         producer[node] = name
@@ -354,7 +378,11 @@ def _joins(graph: torch.fx.Graph, scopes: _Scopes, out_node: dict[torch.fx.Node,
     joins = []
     for node in graph.nodes:
         op = op_name(node)
-        if op not in JOIN_OPS:
+        if op in QLINEAR_ACTIVATIONS and isinstance(node.args[0], torch.fx.Node):
+            _note_silu(node, scopes, params, layers, result, model)
+            if node.args[0] in producer:
+                producer[node] = producer[node.args[0]]
+        if op not in JOIN_OPS | PRODUCT_OPS:
             continue
         inputs = list(node.args[0]) if op in ("cat", "concat") else list(node.args[:2])
         if len(inputs) < 2 or not all(isinstance(i, torch.fx.Node) for i in inputs):
@@ -368,6 +396,23 @@ def _joins(graph: torch.fx.Graph, scopes: _Scopes, out_node: dict[torch.fx.Node,
             producer[t] = node.name
         joins.append(Join(node.name, op, sites, out_site, [producer.get(i, "") for i in inputs]))
     return joins
+
+
+def _note_silu(node: torch.fx.Node, scopes: _Scopes, params: dict[str, str], layers: set[str], result: ModelGraph,
+               model: nn.Module) -> None:
+    """Record an nn.SiLU module's call on a tensor with a site (`ModelGraph.silus`)."""
+    if op_name(node) not in SILU_OPS:
+        return
+    site, source = scopes.site_of(node), scopes.site_of(node.args[0])
+    if site and source and isinstance(_submodule(model, site), nn.SiLU):
+        result.silus[site] = SiluCall(source, *_readers(node, params, layers))
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _direct_inputs(graph: torch.fx.Graph, scopes: _Scopes, params: dict[str, str], layers: set[str],

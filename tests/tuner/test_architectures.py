@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from tuner import calibrate, layer_report, load_onnx, quantizable_layers, tune
+from tuner import apply_plan, calibrate, layer_report, load_onnx, quantizable_layers, tune
 from tuner.examples.vision import digits_data, train_on_digits
 from tuner.examples.vision.densenet import densenet
 from tuner.examples.vision.efficientnet import EfficientNet, MBConvConfig
@@ -219,3 +219,33 @@ def test_every_int8_layer_runs_an_int8_kernel(trained, tuned, tmp_path):
         f"(their weight goes to {sorted({op for v in float_layers.values() for op in v})}): "
         f"{sorted(float_layers)[:8]}...; optimized graph ops: {ops}")
 
+
+
+def test_silu_and_squeeze_excitation_run_on_uint8_data(data, tmp_path):
+    """EfficientNet's SiLUs (x * sigmoid(x)) and squeeze-excitation products (sigmoid(scale) * x)
+    run as QLinearSigmoid + QLinearMul once their inputs, outputs and the SiLU's sigmoid are
+    quantized; only the last SiLU, read by the float pooling before the classifier, stays float.
+    The simulation computes what ONNX Runtime computes. (Untrained weights: the graph is the point.)"""
+    from collections import Counter
+
+    from tuner import export_onnx
+
+    batches, _ = data
+    model = ARCHITECTURES["efficientnet"]().eval()
+    calibration = calibrate(model, batches[:2])
+    plan = calibration.uniform_plan()
+    sites = calibration.output_sites(plan)
+    silus = calibration.quantized_silus(plan, sites)
+    assert sorted(set(calibration.graph.silus) - set(silus)) == ["features.3.2"]  # the last conv's SiLU
+    products = [join for join in calibration.graph.joins if join.op == "mul"]
+    assert len(products) == 3 and all(site in sites for join in products for site in [*join.inputs, join.output])
+    path = tmp_path / "efficientnet.onnx"
+    export_onnx(model, plan, calibration, path)
+    ops = Counter(node.op_type for node in onnx_kernels.optimized_graph(path, tmp_path).graph.node)
+    assert ops["QLinearSigmoid"] == ops["QLinearMul"] == len(silus) + len(products), ops
+    assert ops["Sigmoid"] == ops["Mul"] == 1, ops
+    x = torch.cat(batches[:2])
+    with torch.no_grad():
+        simulated = apply_plan(model, plan, calibration)(x)
+    deployed = load_onnx(path, threads=1)(x)
+    assert (deployed - simulated).abs().max() <= 1e-4 * simulated.abs().max()
