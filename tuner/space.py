@@ -3,7 +3,8 @@
 A point of the space is a handful of Optuna parameters, not one choice per layer:
 - `activation`, `scheme`, `weights`: one value for every layer, or "auto": each layer takes its
   own best-measured value from the per-layer error report;
-- `smooth`: whether SmoothQuant settings may be chosen;
+- `smooth`: whether SmoothQuant settings may be chosen wherever they measure better (False: only
+  where a layer's best unsmoothed setting leaves a large error, `NEEDS_SMOOTHING_DB`);
 - `fallback`: how many layers, the most sensitive first, stay FP32.
 `plan_for(params, ...)` turns a point into a `Plan`. Keeping the space this small is what lets a
 handful of evaluations cover it: per-layer detail comes from measurement, not from sampling.
@@ -20,7 +21,7 @@ import optuna
 from .errors import InvalidArgumentError
 from .histogram import METHODS
 from .plan import FP32, GRANULARITIES, SCHEMES, LayerConfig, Plan
-from .report import LayerReport, all_settings
+from .report import NEEDS_SMOOTHING_DB, LayerErrors, LayerReport, all_settings
 
 AUTO = "auto"
 
@@ -106,17 +107,26 @@ class SearchSpace:
 
 def plan_for(params: Mapping[str, Any], space: SearchSpace, report: LayerReport, ranking: Sequence[str]) -> Plan:
     """The plan of a point: each INT8 layer gets its best-measured setting among those the point
-    allows; the `fallback` first layers of `ranking` (most sensitive first) stay FP32."""
-    allowed = [
+    allows; the `fallback` first layers of `ranking` (most sensitive first) stay FP32. A point
+    without `smooth` still smooths a layer whose best unsmoothed setting stays under
+    `NEEDS_SMOOTHING_DB` (when the space offers SmoothQuant): an outlier channel, which only
+    smoothing fixes."""
+    settings = [
         c for c in space.settings()
         if params["activation"] in (AUTO, c.activation)
         and params["scheme"] in (AUTO, c.scheme)
         and params["weights"] in (AUTO, c.weights)
-        and (params["smooth"] or not c.smooth)
     ]
+    allowed = [c for c in settings if params["smooth"] or not c.smooth]
     if not allowed:  # e.g. activation "mse" with smoothing forced: fall back to the unsmoothed setting
         allowed = [c for c in space.settings() if not c.smooth and params["activation"] in (AUTO, c.activation)]
+    rescue = allowed + [c for c in settings if c.smooth and not params["smooth"]]
+
+    def setting(errors: LayerErrors) -> LayerConfig:
+        best = errors.best(allowed)
+        if len(rescue) > len(allowed) and not errors.weight_only and errors.sqnr_of(best) < NEEDS_SMOOTHING_DB:
+            return errors.best(rescue)
+        return best
+
     fp32 = set(space.exclude) | set(ranking[: int(params["fallback"])])
-    return Plan({
-        name: FP32 if name in fp32 else errors.best(allowed) for name, errors in report.layers.items()
-    })
+    return Plan({name: FP32 if name in fp32 else setting(errors) for name, errors in report.layers.items()})

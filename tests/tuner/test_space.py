@@ -25,6 +25,24 @@ def test_fixed_trial_points_become_the_expected_plans(digits_model, digits_batch
     assert {c.setting() for c in plan.layers.values() if c.int8} == {"mse/symmetric/per_tensor"}
 
 
+def test_the_plain_point_smooths_only_a_layer_whose_unsmoothed_error_is_large(digits_model, digits_batches):
+    """fc2 reads the example's outlier channel: unsmoothed it keeps 7.7 dB, smoothed 46.9 dB. The
+    plain point (smooth=False) smooths it and nothing else; a space without SmoothQuant never does."""
+    from tuner.report import NEEDS_SMOOTHING_DB
+
+    calib = calibrate(digits_model, digits_batches)
+    report = layer_report(digits_model, calib)
+    space = SearchSpace()
+    plain = plan_for(space.point(0, smooth=False), space, report, [])
+    unsmoothed = {n: e.best([c for c in e.settings.values() if not c.smooth]) for n, e in report.layers.items()}
+    needy = {n for n, c in unsmoothed.items() if report.layers[n].sqnr_of(c) < NEEDS_SMOOTHING_DB}
+    assert needy == {"fc2"}
+    assert {n for n, c in plain.layers.items() if c.smooth} == {"fc2"}
+    assert all(plain.layers[n] == unsmoothed[n] for n in report.layers if n != "fc2")
+    no_smoothing = SearchSpace.from_dict({"smooth": False})
+    assert not any(c.smooth for c in plan_for(no_smoothing.point(0), no_smoothing, report, []).layers.values())
+
+
 def test_a_restricted_space_only_suggests_what_it_allows():
     space = SearchSpace.from_dict({"activation": ["max"], "weights": ["per_channel"], "smooth": False,
                                    "fallback": False})
