@@ -272,7 +272,8 @@ def _analyse(program: torch.export.ExportedProgram, layers: set[str], model: nn.
             out_node[node] = name
     for node, name in out_node.items():
         result.conv_outputs[name] = _conv_output(name, node, layer_nodes[name][0], scopes, params, layers)
-    result.joins = _joins(graph, scopes, out_node, params, layers, result, model)
+    result.joins = _joins(graph, scopes, out_node)
+    result.silus = _silus(graph, scopes, params, layers, model)
     _moved_sites(graph, scopes, params, layers, result)
     _direct_inputs(graph, scopes, params, layers, result)
     used = set(result.sites)
@@ -367,8 +368,7 @@ def _conv_output(name: str, node: torch.fx.Node, call: torch.fx.Node, scopes: _S
     return ConvOutput(name, site, consumers, others, reason)
 
 
-def _joins(graph: torch.fx.Graph, scopes: _Scopes, out_node: dict[torch.fx.Node, str], params: dict[str, str],
-           layers: set[str], result: ModelGraph, model: nn.Module) -> list[Join]:
+def _joins(graph: torch.fx.Graph, scopes: _Scopes, out_node: dict[torch.fx.Node, str]) -> list[Join]:
     """The joins in graph order; an activation with a uint8 kernel passes its input's producer on
     (a SiLU on an INT8 conv's output feeds squeeze-excitation's product as an INT8 tensor)."""
     producer: dict[torch.fx.Node, str] = {}
@@ -378,10 +378,8 @@ def _joins(graph: torch.fx.Graph, scopes: _Scopes, out_node: dict[torch.fx.Node,
     joins = []
     for node in graph.nodes:
         op = op_name(node)
-        if op in QLINEAR_ACTIVATIONS and isinstance(node.args[0], torch.fx.Node):
-            _note_silu(node, scopes, params, layers, result, model)
-            if node.args[0] in producer:
-                producer[node] = producer[node.args[0]]
+        if op in QLINEAR_ACTIVATIONS and isinstance(node.args[0], torch.fx.Node) and node.args[0] in producer:
+            producer[node] = producer[node.args[0]]
         if op not in JOIN_OPS | PRODUCT_OPS:
             continue
         inputs = list(node.args[0]) if op in ("cat", "concat") else list(node.args[:2])
@@ -398,21 +396,18 @@ def _joins(graph: torch.fx.Graph, scopes: _Scopes, out_node: dict[torch.fx.Node,
     return joins
 
 
-def _note_silu(node: torch.fx.Node, scopes: _Scopes, params: dict[str, str], layers: set[str], result: ModelGraph,
-               model: nn.Module) -> None:
-    """Record an nn.SiLU module's call on a tensor with a site (`ModelGraph.silus`)."""
-    if op_name(node) not in SILU_OPS:
-        return
-    site, source = scopes.site_of(node), scopes.site_of(node.args[0])
-    if site and source and isinstance(_submodule(model, site), nn.SiLU):
-        result.silus[site] = SiluCall(source, *_readers(node, params, layers))
-
-
-def _submodule(model: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None
+def _silus(graph: torch.fx.Graph, scopes: _Scopes, params: dict[str, str], layers: set[str],
+           model: nn.Module) -> dict[str, SiluCall]:
+    """Every nn.SiLU module's call on a tensor with a site (`ModelGraph.silus`)."""
+    modules = dict(model.named_modules())
+    found = {}
+    for node in graph.nodes:
+        if op_name(node) not in SILU_OPS or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        site, source = scopes.site_of(node), scopes.site_of(node.args[0])
+        if site and source and isinstance(modules.get(site), nn.SiLU):
+            found[site] = SiluCall(source, *_readers(node, params, layers))
+    return found
 
 
 def _direct_inputs(graph: torch.fx.Graph, scopes: _Scopes, params: dict[str, str], layers: set[str],

@@ -120,12 +120,12 @@ def plan_for(params: Mapping[str, Any], space: SearchSpace, report: LayerReport,
     allowed = [c for c in settings if params["smooth"] or not c.smooth]
     if not allowed:  # e.g. activation "mse" with smoothing forced: fall back to the unsmoothed setting
         allowed = [c for c in space.settings() if not c.smooth and params["activation"] in (AUTO, c.activation)]
-    rescue = allowed + [c for c in settings if c.smooth and not params["smooth"]]
+    smoothing = [] if params["smooth"] else [c for c in settings if c.smooth]  # for a layer that needs it
 
     def setting(errors: LayerErrors) -> LayerConfig:
         best = errors.best(allowed)
-        if len(rescue) > len(allowed) and not errors.weight_only and errors.sqnr_of(best) < NEEDS_SMOOTHING_DB:
-            return errors.best(rescue)
+        if smoothing and not errors.weight_only and errors.sqnr_of(best) < NEEDS_SMOOTHING_DB:
+            return errors.best(allowed + smoothing)
         return best
 
     fp32 = set(space.exclude) | set(ranking[: int(params["fallback"])])
