@@ -426,6 +426,15 @@ def test_latency_times_one_model_or_several_in_turns(cnn, int8_cnn):
         latency(model, batches[0], runs=0)
 
 
+def test_latency_alternates_the_order_of_the_turns():
+    """The model called right after another starts with the other's data in the caches: every
+    other round runs them in reverse order, so no model is always second."""
+    calls = []
+    models = {name: (lambda x, n=name: calls.append(n)) for name in ("fp32", "int8", "static")}
+    latency(models, torch.zeros(1), runs=3, warmup=1)
+    assert calls == ["fp32", "int8", "static", "static", "int8", "fp32"] * 2
+
+
 # -- embeddings --------------------------------------------------------------------------------
 
 
