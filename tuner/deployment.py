@@ -168,6 +168,16 @@ class Deployment:
                    dict(data.get("errors") or {}), data.get("seconds", 0.0))
 
 
+KEPT = "; the search result and model.onnx are kept"
+
+
+def runtime_evaluation_error(exc: BaseException) -> str:
+    """Why the user's `evaluate` could not score the ONNX Runtime model."""
+    return (f"the evaluation raised {type(exc).__name__} when run on the ONNX Runtime model (the exported "
+            f"INT8 file wrapped by tuner.onnx_runtime.OnnxModule, not the PyTorch model)"
+            + (f": {str(exc).strip()[:500]}" if str(exc).strip() else ""))
+
+
 def evaluate_deployed(evaluate: Callable[[nn.Module], Any],
                       path: str | pathlib.Path) -> tuple[float | None, str | None, bool]:
     """The user's `evaluate` on the ONNX file at `path`, run by ONNX Runtime (`load_onnx`): (score,
@@ -184,10 +194,7 @@ def evaluate_deployed(evaluate: Callable[[nn.Module], Any],
         value = evaluate(module)
         score = float(value)
     except Exception as exc:  # noqa: BLE001 (the user's code on a model it may not expect)
-        return None, (f"the evaluation raised {type(exc).__name__} when run on the ONNX Runtime model (the exported "
-                      f"INT8 file wrapped by tuner.onnx_runtime.OnnxModule, not the PyTorch model)"
-                      + (f": {str(exc).strip()[:500]}" if str(exc).strip() else "")
-                      + "; the search result and model.onnx are kept"), True
+        return None, runtime_evaluation_error(exc) + KEPT, True
     if not math.isfinite(score):
         return None, f"the evaluation returned {value!r} on the ONNX Runtime model, not a finite number", True
     return score, None, True

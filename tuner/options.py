@@ -20,6 +20,7 @@ from typing import Any
 
 from .errors import InvalidArgumentError
 
+EVALUATE_ON = ("onnxruntime", "simulation")  # what a plan's score is measured on
 # The options a service job sets (its spec's fields of the same names).
 JOB_FIELDS: tuple[str, ...] = ("max_drop", "relative", "higher_is_better", "max_trials", "timeout", "seed", "space")
 
@@ -33,8 +34,12 @@ class TuneOptions:
     - `max_trials` (None: no limit) and `timeout` (seconds of search, None: none) bound the search.
     - `seed`: the sampler's seed. `space`: a search-space restriction (a `SearchSpace` or its
       dict form, see `tuner.space`), kept as given and turned into a `SearchSpace` by `tune`.
-    - `verify`: evaluate the exported INT8 model once on ONNX Runtime and check its kernels and
-      speed (`latency_runs` timed calls per figure, 0: no timing); a gap above `verify_tolerance`
+    - `evaluate_on`: what each plan's score is measured on: "onnxruntime" (default) exports the
+      plan to ONNX and runs `evaluate` on ONNX Runtime, the model users deploy (`tuner.runtime_trials`);
+      "simulation" runs it on the PyTorch simulation of the plan (no export per plan).
+    - `verify`: check the chosen plan's ONNX model: its kernels and speed on ONNX Runtime
+      (`latency_runs` timed calls per figure, 0: no timing), and its score there (one more
+      evaluation, unless the search already evaluated that file); a gap above `verify_tolerance`
       (share of the baseline) between simulated and deployed score is warned about.
     - `verbose`: print one line per step.
     """
@@ -46,6 +51,7 @@ class TuneOptions:
     timeout: float | None = None
     seed: int = 0
     space: Any = None
+    evaluate_on: str = "onnxruntime"
     verify: bool = True
     verify_tolerance: float = 0.002
     latency_runs: int = 10
@@ -57,6 +63,8 @@ class TuneOptions:
                 or (relative and max_drop >= 1)):
             rule = "0 <= max_drop < 1" if relative else "0 <= max_drop"
             raise InvalidArgumentError(f"`{rule}` must hold, but got {max_drop=}.")
+        if self.evaluate_on not in EVALUATE_ON:
+            raise InvalidArgumentError(f"`evaluate_on` must be one of {list(EVALUATE_ON)}, but got {self.evaluate_on!r}.")
         max_trials, timeout, latency_runs = self.max_trials, self.timeout, self.latency_runs
         if max_trials is not None and (not isinstance(max_trials, int) or max_trials < 1):
             raise InvalidArgumentError(f"`max_trials >= 1` must hold, but got {max_trials=}.")

@@ -119,25 +119,34 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
 
 
 def verify(result: TuneResult, evaluate, budget: Budget, report: LayerReport, tolerance: float, log,
-            latency_runs: int, fp32_onnx: Callable[[], bytes | None] = lambda: None) -> None:
-    """Evaluate the exported ONNX model on ONNX Runtime once (the score users will deploy), and check
-    what ONNX Runtime runs and how fast against FP32 (`result.deployment`). `fp32_onnx()` gives the
-    FP32 ONNX model when another worker already exported it (None: exported here)."""
+           latency_runs: int, fp32_onnx: Callable[[], bytes | None] = lambda: None, *,
+           evaluated: Path | None = None, runtime_error: str | None = None) -> None:
+    """Check what ONNX Runtime runs for the chosen plan and how fast against FP32
+    (`result.deployment`), and its score on ONNX Runtime (the score users will deploy).
+    `evaluated`: the chosen plan's ONNX file, already evaluated on ONNX Runtime by the search (its
+    score is the deployed score: no evaluation here); else the plan is exported and evaluated once,
+    unless `runtime_error` says the user's evaluate cannot run an ONNX Runtime model. `fp32_onnx()`
+    gives the FP32 ONNX model when another worker already exported it (None: exported here)."""
     import tempfile
 
-    from .deployment import Deployment, check_deployment, evaluate_deployed
+    from .deployment import KEPT, Deployment, check_deployment, evaluate_deployed
 
     with tempfile.TemporaryDirectory() as tmp:
         try:  # the search's result must survive whatever the export, ONNX Runtime or the evaluation does here
-            path = result.export_onnx(Path(tmp) / "model.onnx")
+            path = evaluated if evaluated is not None else result.export_onnx(Path(tmp) / "model.onnx")
         except Exception as exc:  # noqa: BLE001 (recorded: save() then writes no model.onnx)
             result.deployment = Deployment(errors={"export": f"{type(exc).__name__}: {exc}"})
             _judge_deployment(result, log)
             return
         if not path.with_name(path.name + ".data").exists():  # a single file (under 2 GB): keep it for `save`
             result.onnx = path.read_bytes()
-        deployed, error, evaluated = evaluate_deployed(evaluate, path)
-        result.evaluations += evaluated
+        if evaluated is not None:
+            deployed, error = result.score, None
+        elif runtime_error is not None:
+            deployed, error = None, runtime_error + KEPT
+        else:
+            deployed, error, called = evaluate_deployed(evaluate, path)
+            result.evaluations += called
         result.deployment = check_deployment(result.original, result.plan, result.calibration, path,
                                              latency_runs=latency_runs,
                                              fp32_path=_shared_fp32(fp32_onnx, Path(tmp)) if latency_runs else None)
@@ -169,14 +178,14 @@ def _deployed_score(result: TuneResult, deployed: float, budget: Budget, report:
     log(f"[quanttune] deployed (ONNX Runtime) score {deployed:.6g}, drop {budget.format(result.deployed_drop)}")
     if gap > tolerance or not budget.met(result.deployed_drop) and result.met:
         suspects = sorted(result.plan.int8_layers, key=lambda n: report.layers[n].sqnr_of(result.plan.config(n)))[:3]
-        _warn(result, f"the deployed model scores {deployed:.6g} against {result.score:.6g} simulated "
+        warn(result, f"the deployed model scores {deployed:.6g} against {result.score:.6g} simulated "
                       f"(gap {gap:.3%} of the baseline); the layers most likely responsible (lowest SQNR): "
                       f"{', '.join(suspects)}")
 
 
-def _warn(result: TuneResult, message: str) -> None:
+def warn(result: TuneResult, message: str, stacklevel: int = 6) -> None:
     result.warnings.append(message)
-    warnings.warn(message, stacklevel=6)  # the caller of `tune`
+    warnings.warn(message, stacklevel=stacklevel)  # the caller of `tune`
 
 
 def _judge_deployment(result: TuneResult, log) -> None:
@@ -186,5 +195,5 @@ def _judge_deployment(result: TuneResult, log) -> None:
     for line in result.deployment.describe():
         log(f"[quanttune] {line}")
     for message in result.deployment.warnings():
-        _warn(result, message)
+        warn(result, message)
     result.reason = result.deployment.qualify(result.reason, result.met)

@@ -25,7 +25,8 @@ from .options import TuneOptions
 from .plan import Plan
 from .prepared import MemoryStore, SharedStore, dump_ranking, load_ranking, once
 from .apply import apply_plan
-from .result import TuneResult, reason_of, trial_rows, verify
+from .result import TuneResult, reason_of, trial_rows, verify, warn
+from .runtime_trials import RUNTIME, RuntimeTrials
 from .search import SAMPLE, WAIT, Strategy
 from .sensitivity import rank_layers
 from .space import SearchSpace, plan_for
@@ -110,6 +111,7 @@ class _Tuning:
         self.taken_elsewhere: dict[str, float] = {}  # plan key -> when another worker's claim on it was seen
         self.idle_done = False  # this process has done its idle work (`_idle`)
         self.prep_s = self.search_s = 0.0
+        self.runtime: RuntimeTrials | None = None  # plans evaluated on ONNX Runtime (`evaluate_on`)
 
     # -- step 1: prepare ---------------------------------------------------------------------------
     def prepare(self, calibration: Iterable[Any], storage: Any, study_name: str | None) -> None:
@@ -134,6 +136,8 @@ class _Tuning:
         self.log(f"[quanttune] {'calibrated' if here else 'loaded the calibration of'} {len(self.calib.layers)} "
                  f"layers ({self.calib.seconds:.2f}s), error report ({self.report.seconds:.2f}s)")
         self.n_candidates = sum(1 for n in self.report.layers if n not in self.space.exclude)
+        if self.options.evaluate_on == RUNTIME:
+            self.runtime = RuntimeTrials(self.model, self.calib, self.log)
         self.strategy = Strategy(self.space, self.n_candidates, lambda p: self.make_plan(p)[0].key(),
                                  slack=self.budget.max_drop / 2, near_miss=NEAR_MISS * self.budget.max_drop)
         self.known: dict[str, Outcome] = stored_outcomes(self.study, self.budget)
@@ -158,7 +162,14 @@ class _Tuning:
         return plan, self.calib.coverage(plan)["macs"]
 
     def build(self, plan: Plan) -> nn.Module:
+        if self.runtime is not None:
+            return self.runtime.build(plan)
         return apply_plan(self.model, plan, self.calib, share_weights=True)
+
+    def score(self, candidate: nn.Module) -> Any:
+        if self.runtime is not None:
+            return self.runtime.evaluate(self.evaluate, candidate)
+        return self.evaluate(candidate)
 
     # -- step 2: the search loop -------------------------------------------------------------------
     def search(self) -> None:
@@ -243,7 +254,7 @@ class _Tuning:
         best = _best(self.known.values())
         beat = best.coverage if propose is None and best is not None and best.met else None
         return run_trial(self.study, lambda trial: self.space.suggest(trial, self.n_candidates), self.make_plan,
-                         self.build, self.evaluate, self.baseline, self.budget, self.known, propose, beat,
+                         self.build, self.score, self.baseline, self.budget, self.known, propose, beat,
                          worker=self.worker)
 
     def _record(self, outcome: Outcome) -> None:
@@ -251,6 +262,8 @@ class _Tuning:
         self.known.update({k: v for k, v in stored_outcomes(self.study, self.budget).items() if k not in self.known})
         _remember(self.plans, self.known)
         best = _best(self.known.values())
+        if self.runtime is not None:
+            self.runtime.keep({best.plan_key} if best is not None else set())
         plan = self.plans[outcome.plan_key]
         _progress(self.log, outcome, plan, self.budget, best)
         if self.on_trial is not None:
@@ -264,6 +277,7 @@ class _Tuning:
         self._refresh()
         baseline = self.baseline()  # known by now, unless the search stopped before it was (raises Stopped)
         self.evaluations += self.baseline.evaluations  # the baseline, if this process evaluated it
+        self.evaluations += self.runtime.extra_calls if self.runtime is not None else 0
         best = _best(self.known.values())
         plan, reason = self._choice(best)
         result = TuneResult(
@@ -275,9 +289,19 @@ class _Tuning:
             seconds={"prepare": round(self.prep_s, 3), "search": round(self.search_s, 3)}, stopped=self.stopped,
             calibration=self.calib, original=self.model,
         )
-        if self.options.verify and best is not None and not self.stopped:
-            verify(result, self.evaluate, self.budget, self.report, self.options.verify_tolerance, self.log,
-                   self.options.latency_runs, lambda: fp32_onnx(self.shared, self.stop_asked))
+        if self.runtime is not None and self.runtime.reason is not None:
+            warn(result, f"plans were scored on the PyTorch simulation, not on ONNX Runtime: {self.runtime.reason}",
+                 stacklevel=4)
+        try:
+            if self.options.verify and best is not None and not self.stopped:
+                runtime = self.runtime
+                verify(result, self.evaluate, self.budget, self.report, self.options.verify_tolerance, self.log,
+                       self.options.latency_runs, lambda: fp32_onnx(self.shared, self.stop_asked),
+                       evaluated=runtime.files.get(best.plan_key) if runtime is not None else None,
+                       runtime_error=runtime.evaluate_error if runtime is not None else None)
+        finally:
+            if self.runtime is not None:
+                self.runtime.close()
         result.seconds["total"] = round(time.perf_counter() - self.start, 3)
         self.log(f"[quanttune] {'MET' if result.met else 'NOT MET'}: {result.reason}")
         return result

@@ -285,15 +285,18 @@ def test_tune_with_a_pytorch_style_evaluation_measures_the_deployed_score(digits
 
 def test_an_export_failing_in_the_deployed_check_keeps_the_search(digits_model, digits_batches, tmp_path,
                                                                    monkeypatch):
-    from tuner import ExportError, TuneResult
+    from tuner import ExportError, onnx_export
 
-    def broken_export(self, path):
+    def broken_export(*args, **kwargs):
         raise ExportError("torch.onnx.export failed on DigitsCNN: RuntimeError: unsupported op")
 
-    monkeypatch.setattr(TuneResult, "export_onnx", broken_export)
+    monkeypatch.setattr(onnx_export, "export_onnx", broken_export)
+    log = []
     with pytest.warns(UserWarning, match="the INT8 model could not be exported to ONNX"):
-        result = tune(digits_model, digits_batches, digits.evaluate, verbose=False, latency_runs=0, max_trials=2)
+        result = tune(digits_model, digits_batches, digits.evaluate, verbose=True, latency_runs=0, max_trials=2,
+                      on_trial=log.append)
     assert result.met and result.deployed_score is None and result.onnx is None
+    assert result.evaluations == 2 and log[0]["state"] == "COMPLETE"  # the plan was scored in simulation instead
     assert result.deployment.errors == {"export": "ExportError: torch.onnx.export failed on DigitsCNN: RuntimeError: "
                                                   "unsupported op"}
     saved = result.save(tmp_path / "out")

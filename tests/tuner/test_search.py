@@ -139,9 +139,14 @@ def test_the_plain_plan_comes_first_and_the_smoothed_one_before_any_fallback():
     assert strategy.next_point(tried(plain, 0, 0.005)) is None  # met with every layer INT8: nothing beats it
     known = tried(plain, 0, 0.015) | tried(smoothed, 1, -0.001)
     assert strategy.next_point(known) is None
+    mse = space.point(0, activation="mse", smooth=False)
     known = tried(plain, 0, 0.015) | tried(smoothed, 1, 0.03)
+    assert strategy.next_point(known) == mse  # the plain plan missed by little: one more method, still full INT8
+    known |= tried(mse, 2, 0.012)
     assert fallback(strategy.next_point(known)) == 1  # it missed too: layers fall back (smoothed) as before
-    assert strategy.next_point(known | tried(space.point(1), 2, 0.0)) == space.point(0, activation="mse", smooth=False)
+    far = tried(plain, 0, 0.05) | tried(smoothed, 1, 0.03)
+    assert fallback(strategy.next_point(far)) == 1  # far misses fall back at once
+    assert strategy.next_point(far | tried(space.point(1), 2, 0.0)) == mse
     assert fallback(strategy.next_point({}, {key(plain)})) == 1  # spare workers: unchanged
 
 

@@ -63,7 +63,8 @@ def test_lower_is_better_and_absolute_budget(digits_model, digits_batches):
 
 def test_failing_trials_are_recorded_and_the_search_goes_on(digits_model, digits_batches):
     evaluate = Counting(fail_on=lambda n: n == 2)  # baseline ok, first plan raises
-    result = tune(digits_model, digits_batches, evaluate, verify=False, verbose=False, max_trials=6)
+    result = tune(digits_model, digits_batches, evaluate, verify=False, verbose=False, max_trials=6,
+                  evaluate_on="simulation")  # on ONNX Runtime a failed call is retried in simulation
     failed = [t for t in result.trials if t["state"] == "FAIL"]
     assert failed and "boom on call 2" in failed[0]["error"]
     assert result.met and result.score is not None
@@ -200,8 +201,9 @@ def test_tune_a_model_with_an_embedding_keeps_it_int8(tiny_encoder, encoder_batc
     assert result.met and result.fp32_layers == []
     assert "embed" in result.int8_layers and len(result.plan.layers) == 7
     assert result.plan.layers["embed"].weights == "per_channel" and not result.plan.layers["embed"].smooth
-    assert result.evaluations == 3  # baseline, one plan, the ONNX Runtime check
-    assert result.deployed_score == pytest.approx(result.score, abs=0.05)
+    assert result.evaluations == 2, result.warnings  # the baseline, one plan scored on ONNX Runtime
+    assert result.deployed_score == result.score
+    assert agreement(result.model) == pytest.approx(result.score, abs=0.05)  # the simulation agrees with the runtime
     entry = result.ledger["embed"]
     assert entry["decision"] == "int8 weight-only/per_channel" and entry["weight_only"]
     assert set(entry["sqnr_db"]) == {"weight-only/per_channel", "weight-only/per_tensor"}
