@@ -145,6 +145,9 @@ class DeploymentPublic(BaseModel):
     calibration_batch: int | None = None
     latency: list[LatencyPublic] = Field(default_factory=list)
     errors: dict[str, str] = Field(default_factory=dict, description="Parts that could not be measured, and why.")
+    scored_by: str | None = Field(None, description="Who measured `deployed_score`: 'search' (plans are scored on "
+                                  "ONNX Runtime: the search scored this very file), 'check' (evaluated once more "
+                                  "after the search), null (not measured).")
 
 
 class JobPublic(BaseModel):

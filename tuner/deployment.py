@@ -87,6 +87,9 @@ class Deployment:
     latency: LatencyTable | None = None
     errors: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    # who measured the deployed score: "search" (the search scored this very file on ONNX Runtime),
+    # "check" (the check evaluated it once more), None (not measured)
+    scored_by: str | None = None
 
     def slower_than_fp32(self) -> list[LatencyRow]:
         """The measured settings where the INT8 model is slower than FP32."""
@@ -149,7 +152,7 @@ class Deployment:
                              for n in k.running_float] if k else [],
             "calibration_batch": self.latency.calibration_batch if self.latency else None,
             "latency": [r.to_dict() for r in self.latency.rows] if self.latency else [],
-            "errors": dict(self.errors),
+            "errors": dict(self.errors), "scored_by": self.scored_by,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,14 +161,14 @@ class Deployment:
             "latency": self.latency.to_dict() if self.latency else None,
             "speedup": self.speedup(), "speedup_batch1": self.speedup(1),
             "slower_than_fp32": [r.to_dict() for r in self.slower_than_fp32()],
-            "errors": dict(self.errors), "seconds": round(self.seconds, 3),
+            "errors": dict(self.errors), "seconds": round(self.seconds, 3), "scored_by": self.scored_by,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Deployment:
         return cls(KernelCheck.from_dict(data["kernels"]) if data.get("kernels") else None,
                    LatencyTable.from_dict(data["latency"]) if data.get("latency") else None,
-                   dict(data.get("errors") or {}), data.get("seconds", 0.0))
+                   dict(data.get("errors") or {}), data.get("seconds", 0.0), data.get("scored_by"))
 
 
 KEPT = "; the search result and model.onnx are kept"

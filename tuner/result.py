@@ -153,6 +153,7 @@ def verify(result: TuneResult, evaluate, budget: Budget, report: LayerReport, to
     if error is not None:
         result.deployment.errors["score"] = error
     if deployed is not None:
+        result.deployment.scored_by = "search" if evaluated is not None else "check"
         _deployed_score(result, deployed, budget, report, tolerance, log)
     _judge_deployment(result, log)
 

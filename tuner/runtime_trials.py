@@ -42,6 +42,7 @@ class RuntimeTrials:
         self.reason: str | None = None  # why plans are evaluated in simulation instead (None: they are not)
         self.evaluate_error: str | None = None  # the user's evaluate failed on an ONNX Runtime model
         self.extra_calls = 0  # calls of `evaluate` on an ONNX Runtime model that were then repeated in simulation
+        self.proven = False  # an evaluation on an ONNX Runtime model has succeeded here
 
     def build(self, plan: Plan) -> nn.Module:
         """The ONNX Runtime model of `plan` (its file kept under its key), or its simulation once
@@ -65,15 +66,23 @@ class RuntimeTrials:
         return apply_plan(self.model, plan, self.calibration, share_weights=True)
 
     def evaluate(self, evaluate: Callable[[nn.Module], Any], candidate: nn.Module) -> Any:
-        """`evaluate(candidate)`; on an ONNX Runtime model that `evaluate` cannot run, the plan's
-        simulation instead (and for the rest of the search)."""
+        """`evaluate(candidate)`. Until an evaluation on an ONNX Runtime model has succeeded here, one
+        that raises is repeated on the plan's simulation: if that works, `evaluate` cannot run ONNX
+        Runtime models (it reads weights, say) and the search goes on in simulation; if that raises
+        too, the error is the plan's (a failed trial, as in simulation). Once one has succeeded, an
+        error is the plan's at once (a failed plan is a verdict, not retried)."""
         plan = getattr(candidate, "quanttune_plan", None)
         if plan is None:
             return evaluate(candidate)
         try:
-            return evaluate(candidate)
-        except Exception as exc:  # noqa: BLE001 (retried on the simulation: an error there too is the user's)
+            value = evaluate(candidate)
+        except Exception as exc:  # noqa: BLE001 (re-raised below unless the simulation tells it apart)
+            if self.proven:
+                raise
             error = exc
+        else:
+            self.proven = True
+            return value
         self.extra_calls += 1
         value = evaluate(apply_plan(self.model, plan, self.calibration, share_weights=True))
         self.evaluate_error = runtime_evaluation_error(error)

@@ -71,7 +71,7 @@ def test_fifty_concurrent_jobs_are_all_accepted_finish_and_run_once(processes: P
         for job in page["data"]:
             trials = client.get(f"/v1/jobs/{job['id']}/trials").json()["data"]
             assert [t["state"] for t in trials if t["state"] in ("COMPLETE", "FAIL", "RUNNING")] == ["COMPLETE"], trials
-            assert job["progress"]["evaluations"] == 3, job
+            assert job["progress"]["evaluations"] == 2, job  # the baseline, one plan scored on ONNX Runtime
     engine = make_engine(db)
     with make_sessionmaker(engine)() as session:
         claims = dict(session.execute(select(Lease.job_id, Lease.claims)).all())

@@ -96,3 +96,20 @@ def test_a_plan_whose_evaluation_fails_on_both_is_a_failed_trial_and_the_runtime
     assert len(failed) == 1 and "boom on call 3" in failed[0]["error"]  # the simulation's error: the user's
     assert calls[:4] == ["torch", "onnxruntime", "torch", "onnxruntime"]  # the next plan: on ONNX Runtime again
     assert result.met and result.deployed_score == result.score and result.evaluations == len(calls)
+
+
+def test_once_the_runtime_worked_a_failed_evaluation_is_a_verdict(digits_model, digits_batches):
+    calls = []
+
+    def flaky(model):
+        calls.append("onnxruntime" if isinstance(model, OnnxModule) else "torch")
+        if len(calls) == 3:
+            raise RuntimeError("boom on call 3")
+        return digits.evaluate(model)
+
+    naive = {"activation": ["max"], "weights": ["per_tensor"], "scheme": ["affine"], "smooth": False}
+    result = tune(digits_model, digits_batches, flaky, max_drop=0.01, verbose=False, verify=False, space=naive,
+                  max_trials=4)  # naive full INT8 misses: the search needs several plans
+    assert calls[:4] == ["torch", "onnxruntime", "onnxruntime", "onnxruntime"]  # call 3 is not repeated
+    failed = [t for t in result.trials if t["state"] == "FAIL"]
+    assert len(failed) == 1 and "boom on call 3" in failed[0]["error"]
