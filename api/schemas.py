@@ -178,8 +178,9 @@ class JobPublic(BaseModel):
     score: float | None = None
     drop: float | None = None
     coverage: float | None = Field(None, description="Share of MACs in INT8 of the chosen plan (0..1).")
-    met: bool | None = Field(None, description="Whether the chosen plan's simulated drop is within the budget "
-                             "(the search's verdict; `outcome` is the job's).")
+    met: bool | None = Field(None, description="Whether the chosen plan's drop, as the search scored it (on ONNX "
+                             "Runtime unless `deployment.scored_by` is 'check': then simulated), is within the "
+                             "budget (the search's verdict; `outcome` is the job's).")
     deployed_score: float | None = Field(None, description="Score of the exported INT8 ONNX model on ONNX Runtime.")
     deployed_drop: float | None = Field(None, description="Drop of `deployed_score` against the baseline, as the "
                                         "budget measures it.")

@@ -143,12 +143,13 @@ def _results(console: Console, report: dict[str, Any], paths: dict[str, Path], l
     from tuner import load_onnx
     from tuner.examples import digits_cnn
 
-    from ..client.render import print_deployment
+    from ..client.render import print_deployment, score_source
 
     deployed = digits_cnn.evaluate(load_onnx(paths["model.onnx"]))
     naive = f"{local.naive:.2f}%" if local.naive is not None else f"not measured ({type(local.error).__name__})"
     console.print(f"FP32 accuracy {report['baseline']:.2f}%  |  naive INT8 (per-tensor max) {naive}  |  tuned INT8 "
-                  f"{report['score']:.2f}% simulated, downloaded model.onnx on ONNX Runtime here {deployed:.2f}%")
+                  f"{report['score']:.2f}% {score_source(report.get('deployment'))}, downloaded model.onnx on ONNX "
+                  f"Runtime here {deployed:.2f}%")
     if report.get("deployment"):  # kernels and speed-ups are in the summary above; the timings per setting here
         print_deployment(console, report["deployment"])
     else:

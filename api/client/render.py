@@ -59,12 +59,14 @@ def job_table(job: JobPublic) -> Table:
         ("progress", f"{plural(job.progress.trials, 'trial')}: {progress_line(job)}"),
     ]
     if job.status == "succeeded":
+        source = score_source(job.deployment)
         rows += [
             ("baseline (FP32)", fmt_score(job.baseline)),
-            ("score (INT8)", f"{fmt_score(job.score)} simulated, {fmt_score(job.deployed_score)} on ONNX Runtime"),
-            ("drop", f"{fmt_drop(job.drop, job.relative)} simulated"
-                     + (f", {fmt_drop(job.deployed_drop, job.relative)} on ONNX Runtime" if job.deployed_drop is not None
-                        else "") + f" (budget {budget_text(job)}): {outcome_text(job)}"),
+            ("score (INT8)", _score_text(job.score, job.deployed_score, source)),
+            ("drop", f"{fmt_drop(job.drop, job.relative)} {source}"
+                     + (f", {fmt_drop(job.deployed_drop, job.relative)} on ONNX Runtime"
+                        if job.deployed_drop is not None and source == "simulated" else "")
+                     + f" (budget {budget_text(job)}): {outcome_text(job)}"),
             ("INT8 MACs", fmt_share(job.coverage)),
         ]
         if job.deployment is not None:
@@ -119,6 +121,19 @@ def _runs_as(kernel: dict[str, Any] | None) -> str:
     return f"[red]{kernel.get('kernel') or '?'} (float)[/]"
 
 
+def _score_text(score: float | None, deployed: float | None, source: str) -> str:
+    if source == "on ONNX Runtime":  # the search scored the deployed file: one figure
+        return f"{fmt_score(score)} on ONNX Runtime (the file the search scored)"
+    return f"{fmt_score(score)} simulated, {fmt_score(deployed)} on ONNX Runtime"
+
+
+def score_source(deployment: DeploymentPublic | dict[str, Any] | None) -> str:
+    """What the search's score was measured on: the deployed file on ONNX Runtime (plans are scored
+    there by default, `deployment.scored_by == "search"`) or the PyTorch simulation."""
+    summary = deployment_summary(deployment) or {}
+    return "on ONNX Runtime" if summary.get("scored_by") == "search" else "simulated"
+
+
 def deployment_summary(deployment: DeploymentPublic | dict[str, Any] | None) -> dict[str, Any] | None:
     """The deployed check in the job's shape (`DeploymentPublic`), from a job or from report.json."""
     if deployment is None or isinstance(deployment, DeploymentPublic):
@@ -133,7 +148,7 @@ def deployment_summary(deployment: DeploymentPublic | dict[str, Any] | None) -> 
         "float_layers": [{"layer": n, **{k: layers.get(n, {}).get(k) for k in ("kernel", "reason")}}
                          for n in kernels.get("running_float") or []],
         "calibration_batch": latency.get("calibration_batch"), "latency": latency.get("rows") or [],
-        "errors": deployment.get("errors") or {},
+        "errors": deployment.get("errors") or {}, "scored_by": deployment.get("scored_by"),
     }
 
 
@@ -202,13 +217,15 @@ def report_summary(report: dict[str, Any]) -> str:
     int8, fp32 = report.get("int8_layers") or [], report.get("fp32_layers") or []
     size = (f", size {cov['int8_bytes'] / 1024:.0f} KiB vs {cov['fp32_bytes'] / 1024:.0f} KiB FP32"
             if cov.get("int8_bytes") and cov.get("fp32_bytes") else "")
+    source = score_source(report.get("deployment"))
     lines = [
-        f"FP32 baseline {fmt_score(report.get('baseline'))}  |  INT8 {fmt_score(report.get('score'))} simulated, "
-        f"{fmt_score(report.get('deployed_score'))} on ONNX Runtime",
-        f"drop {fmt_drop(report.get('drop'), relative)} (budget {fmt_drop(budget.get('max_drop'), relative)} "
+        f"FP32 baseline {fmt_score(report.get('baseline'))}  |  INT8 "
+        + _score_text(report.get("score"), report.get("deployed_score"), source),
+        f"drop {fmt_drop(report.get('drop'), relative)} {source} (budget {fmt_drop(budget.get('max_drop'), relative)} "
         f"{'relative' if relative else 'absolute'}"
-        + (f", {fmt_drop(report['deployed_drop'], relative)} on ONNX Runtime" if report.get("deployed_drop") is not None
-           else "") + f"): {'[green]MET[/]' if _report_met(report) else '[dark_orange]NOT MET[/]'}",
+        + (f", {fmt_drop(report['deployed_drop'], relative)} on ONNX Runtime"
+           if report.get("deployed_drop") is not None and source == "simulated" else "")
+        + f"): {'[green]MET[/]' if _report_met(report) else '[dark_orange]NOT MET[/]'}",
         f"INT8 layers {len(int8)}/{len(int8) + len(fp32)}: MACs in INT8 {fmt_share(cov.get('macs'))}{size}"
         + (f"  |  FP32: {', '.join(fp32)}" if fp32 else ""),
         f"evaluations {report.get('evaluations')}  |  trials {len(report.get('trials') or [])}",

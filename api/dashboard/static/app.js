@@ -306,7 +306,8 @@
       deployed.replaceChildren(el("dl", { class: "kv", id: "deployed-figures" },
         el("dt", {}, "Score on ONNX Runtime"), el("dd", {}, fmtNum(report.deployed_score) +
           (isNum(report.deployed_drop) ? " (drop " + fmtDrop(job, report.deployed_drop) + ")" : "")),
-        el("dt", {}, "Simulated INT8 score"), el("dd", {}, fmtNum(report.score)),
+        el("dt", {}, "Search's INT8 score"), el("dd", {}, fmtNum(report.score) +
+          ((report.deployment || {}).scored_by === "search" ? " (this file, on ONNX Runtime)" : " (simulated)")),
         el("dt", {}, "Weights FP32 → plan"), el("dd", {}, fmtBytes(c.fp32_bytes) + " → " + fmtBytes(c.int8_bytes) +
           (isNum(c.fp32_bytes) && c.int8_bytes ? " (" + (c.fp32_bytes / c.int8_bytes).toFixed(2) + "× smaller)" : "")),
         el("dt", {}, "model.onnx"), el("dd", {}, onnx ? fmtBytes(onnx.size) : "–"),
