@@ -32,8 +32,8 @@ RUNTIME = "onnxruntime"  # `TuneOptions.evaluate_on` for plans evaluated on ONNX
 
 
 class RuntimeTrials:
-    """Builds the model each plan is evaluated on, and keeps the file of the plan evaluated last
-    that the search may return (`keep`), so that the deployed check reuses it."""
+    """Builds the model each plan is evaluated on, and keeps the file of the best plan so far
+    (`keep`), so that the deployed check reuses it."""
 
     def __init__(self, model: nn.Module, calibration: Calibration, log: Callable[[str], None]):
         self.model, self.calibration, self.log = model, calibration, log
@@ -43,6 +43,7 @@ class RuntimeTrials:
         self.evaluate_error: str | None = None  # the user's evaluate failed on an ONNX Runtime model
         self.extra_calls = 0  # calls of `evaluate` on an ONNX Runtime model that were then repeated in simulation
         self.proven = False  # an evaluation on an ONNX Runtime model has succeeded here
+        self._built: tuple[nn.Module | None, Plan | None] = (None, None)  # the last ONNX Runtime model built, its plan
 
     def build(self, plan: Plan) -> nn.Module:
         """The ONNX Runtime model of `plan` (its file kept under its key), or its simulation once
@@ -61,7 +62,7 @@ class RuntimeTrials:
                               f"({type(exc).__name__}: {str(exc).strip()[:300]})")
             else:
                 self.files[plan.key()] = path
-                module.quanttune_plan = plan  # for `evaluate` to fall back to the simulation
+                self._built = (module, plan)  # for `evaluate` to fall back to the plan's simulation
                 return module
         return apply_plan(self.model, plan, self.calibration, share_weights=True)
 
@@ -71,9 +72,10 @@ class RuntimeTrials:
         Runtime models (it reads weights, say) and the search goes on in simulation; if that raises
         too, the error is the plan's (a failed trial, as in simulation). Once one has succeeded, an
         error is the plan's at once (a failed plan is a verdict, not retried)."""
-        plan = getattr(candidate, "quanttune_plan", None)
-        if plan is None:
+        module, plan = self._built
+        if candidate is not module:  # a simulation: the runtime failed to build this plan
             return evaluate(candidate)
+        self._built = (None, None)
         try:
             value = evaluate(candidate)
         except Exception as exc:  # noqa: BLE001 (re-raised below unless the simulation tells it apart)
