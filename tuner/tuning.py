@@ -28,7 +28,7 @@ from .apply import apply_plan
 from .result import TuneResult, reason_of, trial_rows, verify, warn
 from .runtime_trials import RUNTIME, RuntimeTrials
 from .search import SAMPLE, WAIT, Strategy
-from .sensitivity import rank_layers
+from .sensitivity import output_sqnr, rank_layers
 from .space import SearchSpace, plan_for
 from .study import Budget, Outcome, open_study, run_trial, running_plans, stored_outcomes, worker_label
 
@@ -112,6 +112,7 @@ class _Tuning:
         self.idle_done = False  # this process has done its idle work (`_idle`)
         self.prep_s = self.search_s = 0.0
         self.runtime: RuntimeTrials | None = None  # plans evaluated on ONNX Runtime (`evaluate_on`)
+        self.qualities: dict[str, float] = {}  # plan key -> model output SQNR on the calibration data (dB)
 
     # -- step 1: prepare ---------------------------------------------------------------------------
     def prepare(self, calibration: Iterable[Any], storage: Any, study_name: str | None) -> None:
@@ -139,7 +140,8 @@ class _Tuning:
         if self.options.evaluate_on == RUNTIME:
             self.runtime = RuntimeTrials(self.model, self.calib, self.log)
         self.strategy = Strategy(self.space, self.n_candidates, lambda p: self.make_plan(p)[0].key(),
-                                 slack=self.budget.max_drop / 2, near_miss=NEAR_MISS * self.budget.max_drop)
+                                 slack=self.budget.max_drop / 2, near_miss=NEAR_MISS * self.budget.max_drop,
+                                 quality=self.output_quality)
         self.known: dict[str, Outcome] = stored_outcomes(self.study, self.budget)
         _remember(self.plans, self.known)
 
@@ -155,6 +157,13 @@ class _Tuning:
             self.log(f"[quanttune] {'ranked' if measured else 'loaded the ranking of'} {len(self.ranking)} layers "
                      f"by end-to-end output error; most sensitive: {', '.join(self.ranking[:3])}")
         return self.ranking
+
+    def output_quality(self, params: dict[str, Any]) -> float:
+        """The model output SQNR (dB) of a point's plan on the calibration data (memoized)."""
+        plan = self.make_plan(params)[0]
+        if plan.key() not in self.qualities:
+            self.qualities[plan.key()] = output_sqnr(self.model, self.calib, plan)
+        return self.qualities[plan.key()]
 
     def make_plan(self, params: dict[str, Any]) -> tuple[Plan, float]:
         plan = plan_for(params, self.space, self.report, self.ranked() if params.get("fallback") else [])

@@ -161,3 +161,16 @@ def test_without_smoothing_a_near_miss_tries_another_method_before_any_fallback(
 
     assert strategy.next_point(missed(0.015)) == space.point(0, activation="mse", smooth=False)
     assert fallback(strategy.next_point(missed(0.05))) == 1  # a far miss falls back at once
+
+def test_the_third_full_int8_plan_is_the_method_with_the_best_measured_output_error():
+    space = SearchSpace.from_dict({"activation": ["max", "mse", "percentile-99.999", "entropy"],
+                                   "weights": ["per_tensor"], "scheme": ["affine"], "smooth": True})
+    measured = {"mse": 9.8, "percentile-99.999": 16.9, "entropy": -1.8}  # WordSim's full-INT8 plans, dB
+    strategy = Strategy(space, 4, key, near_miss=0.02, quality=lambda p: measured[p["activation"]])
+    plain, smoothed = space.point(0, smooth=False), space.point(0)
+    known = {}
+    for number, (point, drop) in enumerate([(plain, 0.015), (smoothed, 0.03)]):
+        known[key(point)] = Outcome(number, "COMPLETE", key(point), 1.0, drop, 1.0, False, None, 1.0, 0.0)
+    assert strategy.next_point(known) == space.point(0, activation="percentile-99.999", smooth=False)
+    unmeasured = Strategy(space, 4, key, near_miss=0.02)
+    assert unmeasured.next_point(known) == space.point(0, activation="mse", smooth=False)  # the listed order
