@@ -59,14 +59,16 @@ def tune(
     `calibration` is an iterable of batches (tensor, tuple of positional inputs, or dict of keyword
     inputs); `evaluate(model) -> float` is the user's metric. What to search for is a `TuneOptions`
     (`options=`), or its fields as keywords (`max_drop=0.01`, `relative`, `higher_is_better`,
-    `max_trials`, `timeout`, `seed`, `space`, `verbose`, `verify`, `verify_tolerance`,
+    `max_trials`, `timeout`, `seed`, `space`, `verbose`, `evaluate_on`, `verify`, `verify_tolerance`,
     `latency_runs`; given with `options`, they replace its values). The budget is `max_drop`,
     relative to the FP32 baseline unless `relative=False`. Trials are kept in Optuna `storage` (in
     memory when omitted): the same `storage` and `study_name` resume a study, and several processes
     may share it. `should_stop()` is checked before each trial; `on_trial(info)` is called after each.
-    `verify` evaluates the exported INT8 model once on ONNX Runtime and checks what ONNX Runtime
+    `evaluate_on="onnxruntime"` (the default) scores each plan on its exported file run by ONNX
+    Runtime (`tuner.runtime_trials`). `verify` checks the chosen plan's file: what ONNX Runtime
     runs (INT8 kernels per layer) and how fast, against FP32, `latency_runs` timed calls per figure
-    (0: no timing): `result.deployment`.
+    (0: no timing), and its score there (no extra evaluation when the search scored that file):
+    `result.deployment`.
     `shared` (a `tuner.prepared.SharedStore`) shares the baseline, calibration, error report and
     ranking between the processes of one study, so that only the first computes them; `worker`
     names this process in its trials (default host:pid).
