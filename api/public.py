@@ -65,7 +65,7 @@ def job_public(job: JobRecord, workers: int = 0, artifacts: list[str] | None = N
         evaluation_source=job.evaluation_source,
         max_drop=options.max_drop, relative=options.relative, higher_is_better=options.higher_is_better,
         max_trials=options.max_trials, timeout=options.timeout, trial_timeout=spec.trial_timeout, space=options.space,
-        parallelism=job.parallelism, seed=options.seed,
+        parallelism=job.parallelism, seed=options.seed, evaluate_on=options.evaluate_on,
         workers=workers if job.status not in FINISHED_STATUSES else 0,
         progress=Progress(trials=job.trials, evaluations=job.evaluations, best_score=job.best_score,
                           best_drop=job.best_drop, best_coverage=job.best_coverage, met=job.best_met),

@@ -22,7 +22,8 @@ from .errors import InvalidArgumentError
 
 EVALUATE_ON = ("onnxruntime", "simulation")  # what a plan's score is measured on
 # The options a service job sets (its spec's fields of the same names).
-JOB_FIELDS: tuple[str, ...] = ("max_drop", "relative", "higher_is_better", "max_trials", "timeout", "seed", "space")
+JOB_FIELDS: tuple[str, ...] = ("max_drop", "relative", "higher_is_better", "max_trials", "timeout", "seed", "space",
+                               "evaluate_on")
 
 
 @dataclass(frozen=True)

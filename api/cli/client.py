@@ -73,7 +73,8 @@ FLAGS = {"model_file": "MODEL", "spec.model": "MODEL", "weights_file": "--weight
          "spec.calibration": "--calibration", "eval_file": "--eval-data", "eval_data": "--eval-data",
          "spec.evaluate": "--evaluate", "spec.evaluator": "--evaluate", "spec.space": "--space",
          **{f"spec.{name}": "--" + name.replace("_", "-") for name in (
-             "name", "batch_size", "max_drop", "max_trials", "timeout", "trial_timeout", "parallelism", "seed")},
+             "name", "batch_size", "max_drop", "max_trials", "timeout", "trial_timeout", "parallelism", "seed",
+             "evaluate_on")},
          "spec.relative": "--relative/--absolute", "spec.higher_is_better": "--higher-is-better/--lower-is-better"}
 _API_NAMES = re.compile(r"(?<![\w.-])(" + "|".join(re.escape(n) for n in sorted(FLAGS, key=len, reverse=True)) + r")(?![\w])")
 NO_TOKEN = ("no API token: set QUANTTUNE_TOKEN or pass --token (`quanttune token create --name NAME` makes one "
@@ -200,6 +201,8 @@ def submit(
     space: Annotated[str | None, typer.Option("--space", help="Search-space restriction as JSON, or @file.json.")] = None,
     parallelism: Annotated[int, typer.Option("--parallelism", min=1, help="Workers that may work on it at once.")] = 1,
     seed: Annotated[int, typer.Option("--seed", min=0)] = TuneOptions.seed,
+    evaluate_on: Annotated[str, typer.Option("--evaluate-on", help="What each plan is scored on: onnxruntime (the "
+                                             "deployed file) or simulation.")] = TuneOptions.evaluate_on,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job with a progress bar until it finishes (exit "
                                        "0 met the budget, 3 failed or cancelled, 4 budget not met).")] = False,
     as_json: JsonOption = False,
@@ -215,7 +218,8 @@ def submit(
                             higher_is_better=_either(higher_is_better, lower_is_better, "--higher-is-better",
                                                      "--lower-is-better", TuneOptions.higher_is_better),
                             max_trials=max_trials, timeout=timeout,
-                            trial_timeout=trial_timeout, space=_space(space), parallelism=parallelism, seed=seed)
+                            trial_timeout=trial_timeout, space=_space(space), parallelism=parallelism, seed=seed,
+                            evaluate_on=evaluate_on)
         if wait:
             if not as_json:
                 print(f"submitted job {job.id} ({job.info.name})", file=sys.stderr)

@@ -130,7 +130,7 @@ class Client:
           FP32 model on `eval_data`, or on the calibration data).
         - the budget and limits of `tuner.tune`: a `TuneOptions` (`options=`; its job fields are
           sent) and/or its job fields as keywords: `max_drop`, `relative`, `higher_is_better`,
-          `max_trials`, `timeout` (seconds), `space`, `seed` (what is not given takes the server's
+          `max_trials`, `timeout` (seconds), `space`, `seed`, `evaluate_on` (what is not given takes the server's
           defaults, those of `TuneOptions` except `max_trials`: no limit); `parallelism`: workers
           at once; `trial_timeout`: seconds one evaluation may take before its trial fails (the
           search goes on).

@@ -245,3 +245,20 @@ def test_two_workers_prepare_once_and_their_counts_add_up(service: TestClient, m
     assert job["progress"]["evaluations"] == 1 + sum(t["evaluated"] for t in trials) + check, [(t["number"], t["state"], t["worker"], t["evaluated"], t["summary"], t["error"]) for t in trials]
     evaluated = [t["summary"] for t in trials if t["evaluated"] and t["state"] == "COMPLETE"]
     assert len(evaluated) == len(set(evaluated))  # no plan evaluated twice
+
+
+@SQLITE
+@pytest.mark.parametrize("evaluate_on, evaluations, scored_by", [("onnxruntime", 2, "search"), ("simulation", 3, "check")])
+def test_a_job_scores_its_plans_where_it_says(service: TestClient, evaluate_on: str, evaluations: int,
+                                             scored_by: str) -> None:
+    """By default a job's plans are scored on ONNX Runtime and the final check reuses the scored
+    file; `evaluate_on: simulation` scores them on the PyTorch simulation and the check evaluates
+    the exported model once more."""
+    spec = {"model": "tuner.examples.digits:build_model", "calibration": "tuner.examples.digits:calibration_data",
+            "evaluate": "tuner.examples.digits:evaluate"}
+    job_id = submit(service, spec if evaluate_on == "onnxruntime" else {**spec, "evaluate_on": evaluate_on})
+    assert Worker(service.settings).run_once() == "succeeded"
+    job = service.get(f"/v1/jobs/{job_id}").json()
+    assert job["evaluate_on"] == evaluate_on and job["met"] and job["outcome"] == "met"
+    assert job["progress"]["evaluations"] == evaluations and job["deployment"]["scored_by"] == scored_by
+    assert job["deployed_score"] is not None

@@ -196,6 +196,7 @@ def test_outcome_says_met_or_not_met_for_every_finish(service: TestClient) -> No
     ({"model": None}, "spec.model", "invalid_input"),  # no model source
     ({"space": {"activation": ["magic"]}}, "spec.space", "invalid_input"),
     ({"space": {"speed": "fast"}}, "spec.space", "invalid_input"),
+    ({"evaluate_on": "gpu"}, "spec.evaluate_on", "invalid_input"),
 ])
 def test_bad_specs_are_422_naming_the_field_and_store_nothing(service: TestClient, spec, field: str, code: str) -> None:  # noqa: ANN001
     error = assert_error(submit(service, service.alice, spec), 422, code, field)
