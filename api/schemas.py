@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tuner.options import JOB_FIELDS, TuneOptions
+from tuner.options import EVALUATE_ON, JOB_FIELDS, TuneOptions
 from worker.references import REFERENCE_RE
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -73,7 +73,7 @@ class JobCreate(BaseModel):
     space: dict[str, Any] | None = Field(TuneOptions.space, description="Search-space restriction passed to tune(space=...).")
     parallelism: int = Field(1, ge=1, le=64, description="How many workers may work on this job at once.")
     seed: int = Field(TuneOptions.seed, ge=0, le=2**31 - 1)
-    evaluate_on: Literal["onnxruntime", "simulation"] = Field(TuneOptions.evaluate_on, description=(
+    evaluate_on: Literal[EVALUATE_ON] = Field(TuneOptions.evaluate_on, description=(
         "What each plan is scored on: 'onnxruntime' exports it and runs the evaluation on ONNX Runtime (the model "
         "users deploy; the final check then costs no evaluation), 'simulation' on the PyTorch simulation (no export "
         "per plan; the final check evaluates the exported model once)."))
@@ -175,7 +175,8 @@ class JobPublic(BaseModel):
     space: dict[str, Any] | None = None
     parallelism: int
     seed: int
-    evaluate_on: str = Field(TuneOptions.evaluate_on, description="What each plan is scored on: 'onnxruntime' or 'simulation'.")
+    evaluate_on: Literal[EVALUATE_ON] = Field(TuneOptions.evaluate_on,
+                                              description="What each plan is scored on: 'onnxruntime' or 'simulation'.")
     workers: int = Field(0, description="Workers holding a live lease on this job now.")
     progress: Progress
     # the outcome (filled when the job succeeds; baseline as soon as it is known)

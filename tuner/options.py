@@ -20,7 +20,8 @@ from typing import Any
 
 from .errors import InvalidArgumentError
 
-EVALUATE_ON = ("onnxruntime", "simulation")  # what a plan's score is measured on
+ONNXRUNTIME, SIMULATION = "onnxruntime", "simulation"
+EVALUATE_ON = (ONNXRUNTIME, SIMULATION)  # what a plan's score is measured on (`tuner.runtime_trials`)
 # The options a service job sets (its spec's fields of the same names).
 JOB_FIELDS: tuple[str, ...] = ("max_drop", "relative", "higher_is_better", "max_trials", "timeout", "seed", "space",
                                "evaluate_on")
@@ -52,7 +53,7 @@ class TuneOptions:
     timeout: float | None = None
     seed: int = 0
     space: Any = None
-    evaluate_on: str = "onnxruntime"
+    evaluate_on: str = ONNXRUNTIME
     verify: bool = True
     verify_tolerance: float = 0.002
     latency_runs: int = 10

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
+import shutil
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -27,9 +28,6 @@ from .apply import apply_plan
 from .calibrate import Calibration
 from .deployment import runtime_evaluation_error
 from .plan import Plan
-
-RUNTIME = "onnxruntime"  # `TuneOptions.evaluate_on` for plans evaluated on ONNX Runtime
-
 
 class RuntimeTrials:
     """Builds the model each plan is evaluated on, and keeps the file of the best plan so far
@@ -95,10 +93,7 @@ class RuntimeTrials:
     def keep(self, plan_keys: set[str]) -> None:
         """Delete the files of every plan but these (the best so far): a search may evaluate dozens."""
         for key in [k for k in self.files if k not in plan_keys]:
-            folder = self.files.pop(key).parent
-            for path in folder.iterdir():
-                path.unlink()
-            folder.rmdir()
+            shutil.rmtree(self.files.pop(key).parent)
 
     def close(self) -> None:
         self.files.clear()

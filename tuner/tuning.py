@@ -21,12 +21,12 @@ from .coordination import (WAIT_S, SharedBaseline, finisher, fp32_onnx, fp32_onn
                            prepare_once, share_fp32_onnx, space_key)
 from .errors import InvalidArgumentError, Stopped
 from .ledger import build_ledger
-from .options import TuneOptions
+from .options import ONNXRUNTIME, TuneOptions
 from .plan import Plan
 from .prepared import MemoryStore, SharedStore, dump_ranking, load_ranking, once
 from .apply import apply_plan
 from .result import TuneResult, reason_of, trial_rows, verify, warn
-from .runtime_trials import RUNTIME, RuntimeTrials
+from .runtime_trials import RuntimeTrials
 from .search import SAMPLE, WAIT, Strategy
 from .sensitivity import output_sqnr, rank_layers
 from .space import SearchSpace, plan_for
@@ -139,7 +139,7 @@ class _Tuning:
         self.log(f"[quanttune] {'calibrated' if here else 'loaded the calibration of'} {len(self.calib.layers)} "
                  f"layers ({self.calib.seconds:.2f}s), error report ({self.report.seconds:.2f}s)")
         self.n_candidates = sum(1 for n in self.report.layers if n not in self.space.exclude)
-        if self.options.evaluate_on == RUNTIME:
+        if self.options.evaluate_on == ONNXRUNTIME:
             self.runtime = RuntimeTrials(self.model, self.calib, self.log)
         self.strategy = Strategy(self.space, self.n_candidates, lambda p: self.make_plan(p)[0].key(),
                                  slack=self.budget.max_drop / 2, near_miss=NEAR_MISS * self.budget.max_drop,
