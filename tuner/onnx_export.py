@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
-import threading
 import warnings
 from contextlib import contextmanager
 from typing import Any
@@ -55,7 +54,7 @@ from .onnx_io import FlatModel, InputSpec, flatten_output
 from .plan import Plan
 from .apply import apply_plan
 from .qmodules import QuantizedLayer
-from .qdq_ops import qdq_ops, translations
+from .qdq_ops import TRACE_LOCK, qdq_ops, translations
 from .quant import quantize
 
 METADATA_KEY = "quanttune"
@@ -213,20 +212,20 @@ def _quiet():
 
 
 _registries: dict[Any, Any] = {}  # torch.onnx's ATen -> ONNX function table, by the arguments it was built with
-_export_lock = threading.Lock()
 
 
 @contextmanager
 def _one_export_at_a_time():
-    """Exports in this process run one at a time: torch.export and torch.onnx keep process-wide
-    state (two worker threads exporting at once failed in the ONNX decomposition step).
+    """Exports in this process run one at a time, and no eager simulation runs our custom op
+    meanwhile (`qdq_ops.TRACE_LOCK`): torch.export and torch.onnx keep process-wide state (two
+    worker threads exporting at once failed in the ONNX decomposition step).
 
     Meanwhile torch.onnx.export's table of ATen -> ONNX functions is built once per process:
     torch rebuilds it from onnxscript on every call (about 0.9 s here, half of a small model's
     export, and the deployed check exports twice), and it is the same each time, so each export
     gets a copy of the one built first (the export adds our custom ops to its copy). Where torch's
     internals differ (another version), exports just build it as before."""
-    with _export_lock:
+    with TRACE_LOCK:
         try:
             from torch.onnx._internal.exporter import _registration
 

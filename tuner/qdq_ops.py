@@ -5,11 +5,18 @@ Simulation and export call the same op, so they compute the same numbers."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
 
 _OPS: dict[str, Any] = {}
+# torch.export keeps process-wide tracing state (torch.fx.traceback's node meta) that an eager call
+# of a custom op changes too (torch wraps its kernel in torch._disable_dynamo, which annotates that
+# meta): a simulated forward in one thread while another exported failed with KeyError('custom').
+# Exports hold this lock (`onnx_export`), and so does every eager call of `quantize_dequantize`;
+# re-entrant, because the exporting thread calls it while tracing.
+TRACE_LOCK = threading.RLock()
 
 
 def qdq_ops() -> dict[str, Any]:
@@ -47,6 +54,12 @@ def qdq_ops() -> dict[str, Any]:
 
     _OPS.update(qdq=quantize_dequantize, dq=dequantize_weight)
     return _OPS
+
+
+def quantize_dequantize(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+    """`quanttune::quantize_dequantize` (see `TRACE_LOCK` for the lock)."""
+    with TRACE_LOCK:
+        return qdq_ops()["qdq"](x, scale, zero_point, qmin, qmax)
 
 
 def translations() -> dict[Any, Any]:

@@ -17,7 +17,7 @@ from torch import nn
 from .calibrate import Calibration
 from .errors import InvalidPlanError
 from .plan import LayerConfig
-from .qdq_ops import qdq_ops
+from .qdq_ops import quantize_dequantize
 from .quant import QParams
 
 
@@ -109,7 +109,7 @@ class OutputQuantizer:
         """The quantize-dequantized tensor (each piece, with one scale, for a split's pieces)."""
         if isinstance(output, (tuple, list)):
             return type(output)(self.quantize(t) for t in output)
-        return qdq_ops()["qdq"](output, self.scale, self.zero_point, self.qparams.qmin, self.qparams.qmax)
+        return quantize_dequantize(output, self.scale, self.zero_point, self.qparams.qmin, self.qparams.qmax)
 
     def __repr__(self) -> str:
         return f"OutputQuantizer(scale={self.scale:.4g}, zero_point={self.zero_point}, why={self.why!r})"
@@ -124,7 +124,7 @@ class QuantizedSiLU(nn.Module):
     SCALE, ZERO_POINT, QMIN, QMAX = 1 / 255, 0, 0, 255
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * qdq_ops()["qdq"](torch.sigmoid(x), self.SCALE, self.ZERO_POINT, self.QMIN, self.QMAX)
+        return x * quantize_dequantize(torch.sigmoid(x), self.SCALE, self.ZERO_POINT, self.QMIN, self.QMAX)
 
 
 def quantize_output(module: nn.Module, qparams: QParams, why: str = "") -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from tuner import FP32, LayerConfig, Plan, calibrate, export_onnx, tune
+from tuner import FP32, LayerConfig, Plan, apply_plan, calibrate, export_onnx, tune
 from tuner.batches import first_samples
 from tuner.deployment import Deployment, LatencyRow, LatencyTable, check_deployment, measure_latency
 from tuner.examples import digits
@@ -389,6 +389,35 @@ def test_exports_from_two_threads_at_once_both_succeed(digits_files, tmp_path):
     for i in range(2):
         assert (tmp_path / f"int8-{i}.onnx").read_bytes() == int8.read_bytes()
         assert (tmp_path / f"fp32-{i}.onnx").read_bytes() == fp32.read_bytes()
+
+
+def test_a_simulation_runs_while_another_thread_exports(digits_files, tmp_path):
+    """One worker thread exports a plan (every trial does, on ONNX Runtime) while another runs a
+    simulated model whose conv output is quantized (the custom op, eagerly): torch's tracing state
+    is process-wide, and this raced (KeyError 'custom') before both took `qdq_ops.TRACE_LOCK`."""
+    model, calibration, _, _ = digits_files
+    simulated = apply_plan(model, Plan({"conv2": MSE}), calibration)  # conv2 alone INT8: its output is quantized
+    assert any(hasattr(m, "output_quantizer") for m in simulated.modules())
+    errors: list = []
+    exported = threading.Event()
+
+    def simulate():
+        try:
+            while not exported.is_set():
+                with torch.no_grad():
+                    simulated(calibration.batches[0])
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    thread = threading.Thread(target=simulate)
+    thread.start()
+    try:
+        for i in range(4):
+            export_onnx(model, calibration.uniform_plan(MSE), calibration, tmp_path / f"int8-{i}.onnx")
+    finally:
+        exported.set()
+        thread.join()
+    assert not errors, errors
 
 
 def test_an_idle_export_that_fails_costs_the_search_nothing():
