@@ -113,7 +113,7 @@ class Calibration:
         graph, int8 = self.graph, set(plan.int8_layers)
         if graph is None:
             return {site: "set by the plan" for site, p in plan.tensors.items() if p == "int8"}
-        plain = {n for n in int8 if not plan.config(n).smooth}  # a smoothed input starts with a float Div
+        plain = self.div_free(plan)  # an unfolded smoothed input starts with a float Div
         active: dict[str, str] = {}
         quantized: set[str] = set()
         for name, out in graph.conv_outputs.items():
@@ -143,11 +143,25 @@ class Calibration:
                 active.setdefault(site, "set by the plan")
         return active
 
+    def div_free(self, plan: Plan) -> set[str]:
+        """The INT8 layers of `plan` whose input is quantized with no Div before it: unsmoothed, or
+        smoothed with the factors folded into the producing op (FP32, or INT8 with per-channel
+        weights: `tuner.apply._fold_smoothing`). Their input quantizer is the producer's output
+        quantizer as far as ONNX Runtime is concerned."""
+        def folds(name: str) -> bool:
+            producer = self.smooth_folds.get(name)
+            if producer is None:
+                return False
+            config = plan.config(producer)
+            return not config.int8 or (config.weights == "per_channel" and not self.layers[producer].weight_only)
+
+        return {n for n in plan.int8_layers if not plan.config(n).smooth or folds(n)}
+
     def quantized_silus(self, plan: Plan, sites: dict[str, str]) -> list[str]:
         """The nn.SiLU modules that run on uint8 data under `plan`: their input is quantized (a site
         in `sites`, from `output_sites`) and so is their output (a site too, or read only by plain
         INT8 layers, which quantize it)."""
-        plain = {n for n in plan.int8_layers if not plan.config(n).smooth}
+        plain = self.div_free(plan)
         return [site for site, call in (self.graph.silus.items() if self.graph is not None else ())
                 if call.source in sites and (site in sites or (
                     call.consumers and not call.others and all(c in plain for c in call.consumers)))]
@@ -192,7 +206,7 @@ class Calibration:
                    "DequantizeLinear stops ONNX Runtime's INT8 kernel fusion")
             for name in plan.int8_layers if plan.config(name).symmetric and not self.layers[name].weight_only
         }
-        plain = {n for n in plan.int8_layers if not plan.config(n).smooth}
+        plain = self.div_free(plan)
         for name, out in (self.graph.conv_outputs.items() if self.graph is not None else ()):
             placed = out.site in self.tensors and plan.tensors.get(out.site) != "fp32"
             if name in plan.int8_layers and name not in slow and _float_readers(out, plain) and not placed:

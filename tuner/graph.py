@@ -489,12 +489,15 @@ def fold_batchnorm(model: nn.Module, folds: dict[str, str]) -> nn.Module:
 # -- producers a SmoothQuant factor can be folded into (tuner.smoothing applies the folds) ----------
 
 # ops whose output channel c depends on channel c of one argument alone, positively homogeneously
-# (op -> the index of that argument); `select`/`slice` along the channel axis are caught by the check
-_CARRY = {**{op: 0 for op in (MOVE_OPS | FUSABLE_OPS) - {"getitem"}}, "scaled_dot_product_attention": 2,
-          "matmul": 1, "bmm": 1}
-# A convolution's output may be quantized for its own INT8 kernel (`Calibration.output_sites`) with a
-# range measured before the fold: convolutions keep the Div for now.
-_PRODUCERS = {"linear", "layer_norm"}
+# (op -> the index of that argument; not ReLU6/hardtanh: clipping at 6 does not scale); `select`/`slice`
+# along the channel axis are caught by the check. A BatchNorm is passed only because calibration folds
+# it into the conv before it (an unfolded one changes the output, and the check drops that fold).
+_CARRY = {**{op: 0 for op in MOVE_OPS - {"getitem"}}, "relu": 0, "relu_": 0,
+          **{op: 0 for op in BATCHNORM_OPS}, "scaled_dot_product_attention": 2, "matmul": 1, "bmm": 1}
+# Folding into a convolution is cross-layer equalization with data-aware factors: conv -> ReLU -> conv
+# takes the second conv's SmoothQuant factors into the first one's output channels, and the second
+# conv's input quantizer is then the first one's output quantizer (`Calibration.div_free`).
+_PRODUCERS = {"linear", "layer_norm", *CONV_OPS}
 
 
 def fold_candidates(graph: torch.fx.Graph, params: dict[str, str], calls: dict[str, torch.fx.Node]) -> dict[str, str]:

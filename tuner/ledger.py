@@ -22,7 +22,7 @@ def build_ledger(
 ) -> dict[str, dict[str, Any]]:
     evaluated = [o for o in sorted(outcomes, key=lambda o: o.number) if o.state == "COMPLETE" and not o.reused]
     calib = report.calibration
-    slow, sites = calib.runs_float(best), calib.output_sites(best)
+    slow, sites, div_free = calib.runs_float(best), calib.output_sites(best), calib.div_free(best)
     graph = calib.graph
     ledger = {}
     for name, errors in report.layers.items():
@@ -51,7 +51,7 @@ def build_ledger(
             "output_quantized": _output_site(graph, name, sites),
             "runs_float": slow.get(name),
             # what kept it INT8 beyond the plain setting, by how many dB of output SQNR
-            "recovery": _recovery(errors, config, calib.smooth_folds.get(name)),
+            "recovery": _recovery(errors, config, calib.smooth_folds.get(name) if name in div_free else None),
         }
         if name in slow:
             ledger[name]["reason"] += f" Planned INT8, but ONNX Runtime runs it in float: {slow[name]}."

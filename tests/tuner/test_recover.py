@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from tuner import LayerConfig, Plan, apply_plan, calibrate, export_onnx, layer_report
+from tuner import LayerConfig, Plan, apply_plan, calibrate, export_onnx, layer_report, load_onnx
 from tuner.onnx_kernels import check_kernels, optimized_graph
 from tuner.report import SMOOTH_ALPHAS, LayerReport
 
@@ -111,6 +111,74 @@ def test_folded_smoothing_leaves_no_div_and_every_layer_on_an_int8_kernel(tmp_pa
     assert "Div" not in ops
     check = check_kernels(path, {n: i.macs for n, i in calib.layers.items()})
     assert sorted(check.planned_int8) == sorted(check.running_int8) == ["down", "head", "up"]
+
+
+class ConvChain(nn.Module):
+    """conv1 -> BatchNorm -> ReLU (or ReLU6) -> conv2 -> ReLU -> pooling -> head; the BatchNorm
+    gives two of conv1's output channels (conv2's input channels) a 30x larger range, and conv2's
+    weights read them 30x weaker: every channel counts as much, as smoothing assumes."""
+
+    def __init__(self, act=nn.ReLU):
+        super().__init__()
+        self.conv1, self.bn1, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), act()
+        self.conv2, self.head = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv2(self.act(self.bn1(self.conv1(x))))).mean((2, 3)))
+
+
+def conv_chain(act=nn.ReLU):
+    torch.manual_seed(0)
+    model = ConvChain(act).eval()
+    with torch.no_grad():
+        model.bn1.weight[:2] = 30.0
+        model.bn1.bias.fill_(0.2)
+        model.conv2.weight[:, :2] /= 30.0
+    return model
+
+
+def image_batches(seed, n=4):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, 3, 8, 8, generator=g) for _ in range(n)]
+
+
+def test_smoothing_folds_into_the_conv_before_a_relu_cross_layer_equalization(tmp_path):
+    """conv2's factors fold into conv1 (its BatchNorm folded first): conv2's input quantizer is then
+    conv1's output quantizer, the deployed graph has no Div and both convs run INT8 kernels. With
+    per-tensor weights on conv1 the fold is not made, and the Div costs neither conv its kernel."""
+    model = conv_chain()
+    calib = calibrate(model, image_batches(1))
+    assert calib.graph.folds == {"conv1": "bn1"} and calib.smooth_folds == {"conv2": "conv1"}
+    report = layer_report(model, calib)
+    errors, config = report.layers["conv2"], report.best_plan().config("conv2")
+    plain = max(v for k, v in errors.sqnr.items() if "smooth" not in k)
+    assert config.smooth and errors.sqnr_of(config) > plain + 3  # equalized: chosen, at no cost (folded)
+    assert errors.smooth_cost_db == 0.0
+    plan = report.best_plan()
+    folded = apply_plan(model, plan, calib)
+    assert folded.conv2.input_divisor is None and folded.conv2.folded_into == "conv1"
+    unsmoothed = errors.best([c for c in errors.settings.values() if not c.smooth])
+    alone = {c: output_sqnr(model, apply_plan(model, Plan({"conv2": c}), calib), image_batches(3)) for c in (config, unsmoothed)}
+    assert alone[config] > alone[unsmoothed] + 6  # measured 56.9 dB against 46.5 (held-out data)
+    path = export_onnx(model, plan, calib, tmp_path / "cle.onnx")
+    assert "Div" not in {n.op_type for n in optimized_graph(path, tmp_path).graph.node}
+    x = torch.cat(image_batches(2))
+    simulated, deployed = folded(x).detach(), load_onnx(path, threads=1)(x)
+    assert (deployed - simulated).abs().max() <= 1e-4 * simulated.abs().max()  # the fold is what ORT runs
+    check = check_kernels(path, {n: i.macs for n, i in calib.layers.items()})
+    assert sorted(check.planned_int8) == sorted(check.running_int8) == ["conv1", "conv2", "head"]
+
+    per_tensor = Plan({**plan.layers, "conv1": LayerConfig(weights="per_tensor")})
+    assert "conv2" not in calib.div_free(per_tensor)
+    assert apply_plan(model, per_tensor, calib).conv2.input_divisor is not None
+    path = export_onnx(model, per_tensor, calib, tmp_path / "div.onnx")
+    check = check_kernels(path, {n: i.macs for n, i in calib.layers.items()})
+    assert sorted(check.running_int8) == ["conv1", "conv2", "head"]
+
+
+def test_no_fold_through_relu6_it_does_not_scale():
+    calib = calibrate(conv_chain(nn.ReLU6), image_batches(1))
+    assert calib.graph.folds == {"conv1": "bn1"} and calib.smooth_folds == {}
 
 
 def test_bias_correction_reduces_the_measured_error_and_is_chosen_for_it():
