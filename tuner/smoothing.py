@@ -1,10 +1,11 @@
 """Folding SmoothQuant factors into the op that produces a layer's input, instead of a `Div`.
 
-A smoothed layer computes `(x / s) @ (W * s)`. When `x` is the output of a LayerNorm or a Linear
-(through ops that carry each channel on its own and scale with it: ReLU, pooling,
-reshapes, an attention's value path) and nothing else reads that output, dividing the producer's
-weight and bias per output channel by `s` gives the layer `x / s` directly: the deployed graph
-holds no Div, and the layer's QuantizeLinear reads the producer's output as before.
+A smoothed layer computes `(x / s) @ (W * s)`. When `x` is the output of a LayerNorm, a Linear or a
+convolution (its BatchNorm folded in; through ops that carry each channel on its own and scale with
+it: ReLU, max pooling, reshapes, an attention's value path) and nothing else reads that output,
+dividing the producer's weight and bias per output channel by `s` gives the layer `x / s` directly:
+the deployed graph holds no Div, and the layer's QuantizeLinear reads the producer's output as
+before. For conv -> ReLU -> conv that is cross-layer equalization with data-aware factors.
 
 `tuner.graph.fold_candidates` finds such producers in the torch.export graph; `verify_folds` checks them on
 one calibration batch (scale the producer by 1/s and the layer's weight columns by s for random s:
