@@ -2,6 +2,10 @@
 
     python benchmarks/bench_tune.py [--budgets 0.01 0.005 0.0025] [--cases digits_cnn ...] [--baselines]
 
+Cases: the bench cases (default), the derived MiniLM ones (minilm_simlex999, minilm_polarity) and
+bench_onnx's vision models (resnet18, mobilenet_v2, mobilenet_v3_small, efficientnet_b0: trained on
+the digits on first use, then cached).
+
 Per case and budget: evaluations (baseline + plans + the ONNX Runtime check), FP32 layers, the
 returned plan's drop, the FIRST plan's drop (every layer INT8 at its best-measured setting: how well
 the calibration alone does, before any search), the deployed (ONNX Runtime) drop, and how many
