@@ -9,16 +9,14 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "bench"
 CASES = ("digits_cnn", "minilm_wordsim353")
 DERIVED = ("minilm_simlex999", "minilm_polarity")  # built on minilm_wordsim353 (benchmarks/minilm_cases.py)
-# full-size torchvision architectures trained on the digits (bench_onnx.py; cached after the first run)
-VISION = ("resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0")
 
 
 def load_case(name: str):
     """The case module (build_model, calibration_data, evaluate), or None when it is not here."""
-    if name in VISION:
-        import types
+    import bench_onnx
 
-        import bench_onnx
+    if name in bench_onnx.VISION:  # full-size torchvision architectures trained on the digits, cached
+        import types
 
         batches, evaluate = bench_onnx.digits_data(bench_onnx.VISION_SIZE)
         return types.SimpleNamespace(build_model=lambda: bench_onnx.trained_vision_model(name, bench_onnx.CACHE),

@@ -38,8 +38,9 @@ def apply_plan(model: nn.Module, plan: Plan, calibration: Calibration, *, share_
     for name in plan.int8_layers:
         act = calibration.shared_input(name, plan, sites)
         _set_submodule(new, name, quantized_layer(new.get_submodule(name), name, plan.layers[name], calibration, act))
+    div_free = calibration.div_free(plan)  # a smoothed layer there has a producer that takes its factors
     for name in plan.int8_layers:
-        if plan.layers[name].smooth and name in calibration.smooth_folds:
+        if plan.layers[name].smooth and name in div_free:
             _fold_smoothing(new, name, calibration.smooth_folds[name])
     for site in calibration.quantized_silus(plan, sites):
         _set_submodule(new, site, QuantizedSiLU())
@@ -65,13 +66,14 @@ def _quantize_outputs(model: nn.Module, plan: Plan, calibration: Calibration, si
 
 def _fold_smoothing(model: nn.Module, name: str, producer: str) -> None:
     """Move layer `name`'s SmoothQuant Div into the op producing its input (`tuner.smoothing`):
-    that op's output channels are divided by the factors instead. An INT8 producer folds only with
-    per-channel weights (its codes stay the same, its scales are divided); else the Div stays."""
+    that op's output channels are divided by the factors instead. `Calibration.div_free` says which
+    producers can: FP32 ones, and INT8 ones with per-channel weights (their codes stay the same,
+    their scales are divided)."""
     layer, target = model.get_submodule(name), model.get_submodule(producer)
     factors = layer.input_divisor
     if isinstance(target, QuantizedLayer):
         wqp = target.weight_qparams
-        if target.weight_only or wqp.axis != 0 or not scale_output_channels(target.layer, factors):
+        if not scale_output_channels(target.layer, factors):
             return
         target.weight_qparams = dataclasses.replace(wqp, scale=wqp.scale / factors)
     elif not scale_output_channels(target, factors):
