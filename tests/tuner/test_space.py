@@ -54,3 +54,33 @@ def test_a_restricted_space_only_suggests_what_it_allows():
     assert SearchSpace.from_dict(space.to_dict()) == space
     with pytest.raises(InvalidArgumentError, match="space `weights`"):
         SearchSpace.from_dict({"weights": []})
+
+
+def test_the_smoothed_point_smooths_every_linear_whose_div_costs_no_convolution_its_kernel():
+    """Inputs without outliers: each Linear's best setting is unsmoothed, yet the smoothed point
+    smooths both Linears (strongest strength within the window, no bias correction); the Linear
+    behind a convolution is left alone (a Div there would cost the convolution its INT8 kernel)."""
+    from dataclasses import replace
+
+    import torch
+    from torch import nn
+
+    from tuner.report import SMOOTH_COST_DB, STRONGEST_SMOOTHING_WINDOW_DB
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    report = layer_report(mlp, calibrate(mlp, [torch.randn(64, 16) for _ in range(4)]))
+    space = SearchSpace()
+    assert not any(c.smooth for c in report.best_plan(space.settings()).layers.values())
+    smoothed = plan_for(space.point(0), space, report, [])
+    for name, errors in report.layers.items():
+        config = smoothed.layers[name]
+        alike = {c.smooth: errors.sqnr_of(c) for c in errors.settings.values() if c.smooth and c == replace(config, smooth=c.smooth)}
+        assert config.smooth == max(a for a, v in alike.items() if v >= max(alike.values()) - STRONGEST_SMOOTHING_WINDOW_DB)
+        assert not config.bias_correction
+    assert not any(c.smooth for c in plan_for(space.point(0, smooth=False), space, report, []).layers.values())
+
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8)).eval()
+    report = layer_report(conv, calibrate(conv, [torch.randn(8, 1, 8, 8) for _ in range(4)]))
+    assert report.layers["3"].smooth_cost_db == SMOOTH_COST_DB
+    assert not plan_for(space.point(0), space, report, []).layers["3"].smooth
