@@ -110,11 +110,13 @@ def plan_for(params: Mapping[str, Any], space: SearchSpace, report: LayerReport,
     allows; the `fallback` first layers of `ranking` (most sensitive first) stay FP32. A point
     without `smooth` still smooths a layer whose best unsmoothed setting stays under
     `NEEDS_SMOOTHING_DB` (when the space offers SmoothQuant): an outlier channel, which only
-    smoothing fixes. A point with `smooth` smooths every Linear whose Div would not cost a
-    convolution its INT8 kernel, at the strength `LayerErrors.best` gives a Linear, even where
-    its unsmoothed error measures as small (see `STRONGEST_SMOOTHING_WINDOW_DB`: on MiniLM the
-    FFN down-projections measured 42-43 dB unsmoothed on one-word inputs, and smoothing them
-    still took WordSim-353 from +0.37% to -0.54%)."""
+    smoothing fixes. In a model without convolutions (a transformer), a point with `smooth`
+    smooths every Linear whose Div does not cost another layer its INT8 kernel, at the strength
+    `LayerErrors.best` gives a Linear, even where its unsmoothed error measures as small (see
+    `STRONGEST_SMOOTHING_WINDOW_DB`: on MiniLM the FFN down-projections measured 42-43 dB
+    unsmoothed on one-word inputs, and smoothing them still took WordSim-353 from +0.37% to
+    -0.54%). A convnet's classifier is smoothed only where it measures better: forced, it cost
+    MobileNetV2's smoothed plan the 0.25% budget (6 evaluations instead of 3)."""
     settings = [
         c for c in space.settings()
         if params["activation"] in (AUTO, c.activation)
@@ -126,9 +128,11 @@ def plan_for(params: Mapping[str, Any], space: SearchSpace, report: LayerReport,
         allowed = [c for c in space.settings() if not c.smooth and params["activation"] in (AUTO, c.activation)]
     smoothing = [] if params["smooth"] else [c for c in settings if c.smooth]  # for a layer that needs it
 
+    smoothed = [c for c in allowed if c.smooth] if params["smooth"] else []
+    convnet = any(e.kind.startswith("Conv") for e in report.layers.values())
+
     def setting(errors: LayerErrors) -> LayerConfig:
-        smoothed = [c for c in allowed if c.smooth]
-        if smoothed and params["smooth"] and "Linear" in errors.kind and errors.smooth_cost_db < SMOOTH_COST_DB:
+        if smoothed and not convnet and "Linear" in errors.kind and errors.smooth_cost_db < SMOOTH_COST_DB:
             return errors.best(smoothed)
         best = errors.best(allowed)
         if smoothing and not errors.weight_only and errors.sqnr_of(best) < NEEDS_SMOOTHING_DB:

@@ -102,7 +102,7 @@ def test_layer_report_measures_every_setting_and_coverage(digits_model, digits_b
     calib = calibrate(digits_model, digits_batches)
     report = layer_report(digits_model, calib)
     fc2 = report.layers["fc2"]
-    assert len(fc2.sqnr) == 88  # (6 methods x 2 schemes x 2 granularities + 5 strengths x 4 smoothed) x bias correction
+    assert len(fc2.sqnr) == 96  # (6 methods x 2 schemes x 2 granularities + 6 strengths x 4 smoothed) x bias correction
     # the outlier channel: per-tensor max calibration is far worse than SmoothQuant on fc2's input
     assert fc2.sqnr["max/affine/per_channel/smooth0.5"] > fc2.sqnr["max/affine/per_channel"] + 10
     assert report.best_plan().config("fc2").smooth  # and the report picks it there
@@ -171,7 +171,7 @@ def test_report_measures_an_embedding_under_weight_settings_only(tiny_encoder, e
     assert embed.weight_only and embed.macs == 0
     assert set(embed.sqnr) == {"weight-only/per_channel", "weight-only/per_tensor"}
     assert embed.sqnr["weight-only/per_channel"] > embed.sqnr["weight-only/per_tensor"] > 30
-    assert len(report.layers["head"].sqnr) == 88  # every setting, each also with bias correction
+    assert len(report.layers["head"].sqnr) == 96  # every setting, each also with bias correction
     # a restricted allowed list still picks a measured setting: only `weights` matters here
     mse_sym_tensor = LayerConfig("int8", "mse", "symmetric", "per_tensor")
     assert embed.best([mse_sym_tensor]).weights == "per_tensor"

@@ -56,16 +56,16 @@ def test_a_restricted_space_only_suggests_what_it_allows():
         SearchSpace.from_dict({"weights": []})
 
 
-def test_the_smoothed_point_smooths_every_linear_whose_div_costs_no_convolution_its_kernel():
+def test_the_smoothed_point_smooths_every_linear_of_a_model_without_convolutions():
     """Inputs without outliers: each Linear's best setting is unsmoothed, yet the smoothed point
-    smooths both Linears (strongest strength within the window, no bias correction); the Linear
-    behind a convolution is left alone (a Div there would cost the convolution its INT8 kernel)."""
+    smooths both Linears of an MLP (strongest strength within the window, no bias correction); a
+    convnet's classifier keeps its best-measured setting."""
     from dataclasses import replace
 
     import torch
     from torch import nn
 
-    from tuner.report import SMOOTH_COST_DB, STRONGEST_SMOOTHING_WINDOW_DB
+    from tuner.report import STRONGEST_SMOOTHING_WINDOW_DB
 
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
@@ -82,5 +82,5 @@ def test_the_smoothed_point_smooths_every_linear_whose_div_costs_no_convolution_
 
     conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8)).eval()
     report = layer_report(conv, calibrate(conv, [torch.randn(8, 1, 8, 8) for _ in range(4)]))
-    assert report.layers["3"].smooth_cost_db == SMOOTH_COST_DB
-    assert not plan_for(space.point(0), space, report, []).layers["3"].smooth
+    assert plan_for(space.point(0), space, report, []).layers["3"] == report.layers["3"].best(space.settings())
+    assert not report.layers["3"].best(space.settings()).smooth
