@@ -196,6 +196,11 @@ class LayerReport:
     calibration: Calibration
     seconds: float
 
+    @property
+    def convolutional(self) -> bool:
+        """Whether the model has convolutions (then a Div can cost a layer its INT8 kernel)."""
+        return any(e.kind.startswith("Conv") for e in self.layers.values())
+
     def best_plan(self, allowed: Iterable[LayerConfig] | None = None) -> Plan:
         """Every layer INT8 with its own best-measured setting."""
         allowed = list(allowed) if allowed is not None else None

@@ -128,11 +128,10 @@ def plan_for(params: Mapping[str, Any], space: SearchSpace, report: LayerReport,
         allowed = [c for c in space.settings() if not c.smooth and params["activation"] in (AUTO, c.activation)]
     smoothing = [] if params["smooth"] else [c for c in settings if c.smooth]  # for a layer that needs it
 
-    smoothed = [c for c in allowed if c.smooth] if params["smooth"] else []
-    convnet = any(e.kind.startswith("Conv") for e in report.layers.values())
+    smoothed = [c for c in allowed if c.smooth] if params["smooth"] and not report.convolutional else []
 
     def setting(errors: LayerErrors) -> LayerConfig:
-        if smoothed and not convnet and "Linear" in errors.kind and errors.smooth_cost_db < SMOOTH_COST_DB:
+        if smoothed and "Linear" in errors.kind and errors.smooth_cost_db < SMOOTH_COST_DB:
             return errors.best(smoothed)
         best = errors.best(allowed)
         if smoothing and not errors.weight_only and errors.sqnr_of(best) < NEEDS_SMOOTHING_DB:

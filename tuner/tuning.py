@@ -143,7 +143,7 @@ class _Tuning:
             self.runtime = RuntimeTrials(self.model, self.calib, self.log)
         self.strategy = Strategy(self.space, self.n_candidates, lambda p: self.make_plan(p)[0].key(),
                                  slack=self.budget.max_drop / 2, near_miss=NEAR_MISS * self.budget.max_drop,
-                                 quality=self.output_quality)
+                                 quality=self.output_quality, smoothed_first=not self.report.convolutional)
         self.known: dict[str, Outcome] = stored_outcomes(self.study, self.budget)
         _remember(self.plans, self.known)
 

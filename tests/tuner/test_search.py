@@ -150,6 +150,25 @@ def test_the_plain_plan_comes_first_and_the_smoothed_one_before_any_fallback():
     assert fallback(strategy.next_point({}, {key(plain)})) == 1  # spare workers: unchanged
 
 
+def test_for_a_model_without_convolutions_the_smoothed_plan_comes_first_and_the_plain_one_second():
+    space = SearchSpace.from_dict({"activation": ["max", "mse"], "weights": ["per_tensor"], "scheme": ["affine"],
+                                   "smooth": True})
+    strategy = Strategy(space, 4, key, near_miss=0.02, smoothed_first=True)
+    plain, smoothed = space.point(0, smooth=False), space.point(0)
+    assert strategy.next_point({}) == smoothed
+
+    def tried(point, number, drop):
+        return {key(point): Outcome(number, "COMPLETE", key(point), 1.0, drop, 1.0, drop <= 0.01, None, 1.0, 0.0)}
+
+    assert strategy.next_point(tried(smoothed, 0, 0.005)) is None  # met with every layer INT8
+    assert strategy.next_point(tried(smoothed, 0, 0.05)) == plain  # any miss: the other full-INT8 plan
+    mse = space.point(0, activation="mse", smooth=False)
+    assert strategy.next_point(tried(smoothed, 0, 0.015) | tried(plain, 1, 0.03)) == mse  # then the third
+    assert fallback(strategy.next_point(tried(smoothed, 0, 0.05) | tried(plain, 1, 0.03))) == 1
+    no_smoothing = SearchSpace.from_dict({"smooth": False})
+    assert Strategy(no_smoothing, 4, key, smoothed_first=True).next_point({}) == no_smoothing.point(0)
+
+
 def test_without_smoothing_a_near_miss_tries_another_method_before_any_fallback():
     space = SearchSpace.from_dict({"activation": ["max", "mse"], "weights": ["per_tensor"], "scheme": ["affine"],
                                    "smooth": False})
