@@ -31,10 +31,6 @@ from .qmodules import quantized_layer
 # layer takes the one its output error prefers. Strong outliers (GELU outputs feeding a
 # transformer's FFN down-projection) want 0.75-0.85, mild ones 0.5.
 SMOOTH_ALPHAS = (0.5, 0.6, 0.75, 0.85, 0.9, 0.95)
-# 0.95 is for Linears (below); a convolution is measured at the others, as before 0.95 existed:
-# on MobileNetV2 0.95 won one conv by 0.13 dB and the smoothed plan then missed a 0.25% budget
-# by one image (6 evaluations instead of 3), a change the metric cannot resolve.
-LINEAR_ONLY_ALPHAS = (0.95,)
 # ...but a smoothed Linear takes the strongest strength within this many dB of its best one, and
 # no bias correction. A stronger strength moves error from the activations (rounding noise that
 # differs for every input) into the weights (one fixed distortion, the same for every input),
@@ -47,6 +43,10 @@ LINEAR_ONLY_ALPHAS = (0.95,)
 # outliers at a weaker strength (2 outlier channels x100 of 128: 0.95 loses 7.3 dB, 0.9 is
 # taken). Convolutions keep their SQNR-best strength (not measured on convnets' metrics).
 STRONGEST_SMOOTHING_WINDOW_DB = 6.0
+# 0.95 is for Linears only: a convolution is measured at the others, as before 0.95 existed (on
+# MobileNetV2 0.95 won one conv by 0.13 dB and the smoothed plan then missed a 0.25% budget by
+# one image, 6 evaluations instead of 3: a change the metric cannot resolve).
+LINEAR_ONLY_ALPHAS = (0.95,)
 # A smoothed input costs a Div in the deployed graph unless the factors fold into the op that
 # produces it (`Calibration.smooth_folds`: a LayerNorm or a Linear whose output only this layer
 # reads). A Div between a convolution and the next QuantizeLinear stops ONNX Runtime from fusing
@@ -124,6 +124,11 @@ class LayerErrors:
     weight_only: bool = False  # an embedding: only the `weights` of a setting matter
     smooth_cost_db: float = SMOOTH_COST_DB  # what a smoothed input costs here (0: the factors fold)
 
+    @property
+    def linear(self) -> bool:
+        """An nn.Linear (or a subclass): where `STRONGEST_SMOOTHING_WINDOW_DB` applies."""
+        return "Linear" in self.kind
+
     def label(self, config: LayerConfig) -> str:
         """The key of `config` in `sqnr` (for a weight-only layer, its weight granularity)."""
         return config.setting(self.weight_only)
@@ -151,7 +156,7 @@ class LayerErrors:
             return min(self.sqnr[label], ENOUGH_SQNR_DB) - self.cost(self.settings[label])
 
         best = self.settings[max(labels, key=merit)]
-        return self._strongest_smoothing(best, labels) if best.smooth and "Linear" in self.kind else best
+        return self._strongest_smoothing(best, labels) if best.smooth and self.linear else best
 
     def _strongest_smoothing(self, chosen: LayerConfig, labels: Iterable[str]) -> LayerConfig:
         """The strongest smoothing among `labels` like `chosen` (scheme, weights), without bias

@@ -128,11 +128,12 @@ def plan_for(params: Mapping[str, Any], space: SearchSpace, report: LayerReport,
         allowed = [c for c in space.settings() if not c.smooth and params["activation"] in (AUTO, c.activation)]
     smoothing = [] if params["smooth"] else [c for c in settings if c.smooth]  # for a layer that needs it
 
-    smoothed = [c for c in allowed if c.smooth] if params["smooth"] and not report.convolutional else []
+    # a smoothed point of a model without convolutions: every Linear takes one of these
+    linear_smoothing = [c for c in allowed if c.smooth] if params["smooth"] and not report.convolutional else []
 
     def setting(errors: LayerErrors) -> LayerConfig:
-        if smoothed and "Linear" in errors.kind and errors.smooth_cost_db < SMOOTH_COST_DB:
-            return errors.best(smoothed)
+        if linear_smoothing and errors.linear and errors.smooth_cost_db < SMOOTH_COST_DB:
+            return errors.best(linear_smoothing)
         best = errors.best(allowed)
         if smoothing and not errors.weight_only and errors.sqnr_of(best) < NEEDS_SMOOTHING_DB:
             return errors.best(allowed + smoothing)
